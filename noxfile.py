@@ -1,0 +1,81 @@
+"""Test, lint and docs sessions. ``nox`` runs them all; ``nox -s "tests(keras-3.15)"`` one.
+
+Each Keras flavour gets its own virtual environment (under ``.nox/``, out of git):
+
+* ``keras-3.15``: tensorflow-cpu 2.21 and the keras 3.15.1 it brings;
+* ``keras-3.16-dev``: the same with keras replaced by keras-nightly 3.16.0.dev2026102704
+  (both distributions ship the ``keras`` package, so the stable one is removed first);
+* ``tf-keras``: tensorflow-cpu 2.21 with tf-keras 2.21 and ``TF_USE_LEGACY_KERAS=1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "docs", "tests"]
+
+TF = "tensorflow-cpu==2.21.0"
+KERAS_NIGHTLY = "keras-nightly==3.16.0.dev2026102704"
+TEST_DEPS = ["numpy", "pytest>=8", "hypothesis>=6", "pytest-timeout", "h5py"]
+FLAVOURS = ["keras-3.15", "keras-3.16-dev", "tf-keras"]
+
+
+def _install_flavour(session: nox.Session, flavour: str) -> dict[str, str]:
+    env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
+    session.install(TF, *TEST_DEPS)
+    if flavour == "keras-3.16-dev":
+        # Both distributions ship the `keras` package: remove the stable one first.
+        if _uv(session):
+            session.run("uv", "pip", "uninstall", "keras", external=True)
+        else:
+            session.run("python", "-m", "pip", "uninstall", "-y", "keras")
+        session.install(KERAS_NIGHTLY)
+    elif flavour == "tf-keras":
+        session.install("tf-keras==2.21.0")
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    session.install("--no-deps", "-e", ".")
+    return env
+
+
+def _uv(session: nox.Session) -> bool:
+    return getattr(session.virtualenv, "venv_backend", "") == "uv"
+
+
+@nox.session(python="3.11")
+@nox.parametrize("flavour", FLAVOURS, ids=FLAVOURS)
+def tests(session: nox.Session, flavour: str) -> None:
+    """The whole test suite on one Keras flavour (doctests on keras 3.15)."""
+    env = _install_flavour(session, flavour)
+    session.run("python", "-c", "import bnfreeze._compat as c; print(c.flavour_label())", env=env)
+    args = list(session.posargs)
+    if flavour == "keras-3.15" and not args:
+        args = ["--doctest-modules", "bnfreeze", "tests"]
+    session.run("pytest", *args, env=env)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format) and mypy on the package."""
+    session.install("ruff", "mypy", "numpy", "nox")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Build the documentation strictly (API pages come from the docstrings)."""
+    session.install("mkdocs>=1.6", "mkdocs-material", "mkdocstrings[python]>=0.26")
+    session.run("mkdocs", "build", "--strict", "--site-dir", os.path.join(session.create_tmp(), "site"))
+
+
+@nox.session(python="3.11")
+def demo(session: nox.Session) -> None:
+    """The main job, ``bnfreeze demo``, from a fresh install."""
+    session.install(TF, "numpy")
+    session.install("--no-deps", ".")
+    session.run("bnfreeze", "demo")

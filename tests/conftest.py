@@ -1,0 +1,32 @@
+"""Test set-up shared by every module: quiet TensorFlow, two logical CPUs, seeds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+# Two logical CPU devices so MirroredStrategy tests have two replicas. This must happen
+# before TensorFlow initialises its devices, i.e. at import of the first test module.
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+except RuntimeError:  # pragma: no cover - devices already initialised
+    pass
+
+from bnfreeze._compat import keras  # noqa: E402  (after the device set-up)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    """Each test starts from a clear Keras session and fixed seeds."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1234)
+    np.random.seed(1234)
+    yield
