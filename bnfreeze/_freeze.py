@@ -179,14 +179,12 @@ def freeze(
     keep working. Frozen non-BN layers get ``trainable=False``. Frozen BN layers follow
     ``bn_mode``:
 
-    ================  ========================  ===============================  ===========
-    ``bn_mode``       statistics used by fit    moving statistics updated by fit  gamma/beta
-    ================  ========================  ===============================  ===========
-    ``"inference"``   moving                    no                               frozen
-    ``"affine"``      moving                    no                               trained
-    ``"adapt"``       batch                     yes                              frozen
-    ``"train"``       batch                     yes                              trained
-    ================  ========================  ===============================  ===========
+    | ``bn_mode``     | statistics used by fit | moving statistics updated by fit | gamma/beta |
+    | --------------- | ---------------------- | -------------------------------- | ---------- |
+    | ``"inference"`` | moving                 | no                               | frozen     |
+    | ``"affine"``    | moving                 | no                               | trained    |
+    | ``"adapt"``     | batch                  | yes                              | frozen     |
+    | ``"train"``     | batch                  | yes                              | trained    |
 
     ``evaluate`` and ``predict`` always use the moving statistics. The other layers of the
     frozen part whose ``call`` takes ``training`` (Dropout, noise, augmentation, RNN
@@ -200,9 +198,10 @@ def freeze(
     for some subclassed models). bnfreeze separates them: what ``freeze`` pins (the BN mode
     and the inference behaviour of the frozen part) lives in each layer and holds whatever
     ``training`` value arrives and whatever a later ``layer.trainable = ...`` does, until
-    :func:`unfreeze` changes it; ``trainable`` then only decides which weights are trained
-    (the ``norm_eval`` rule of mmdetection). A nested model all of whose layers are frozen
-    reports ``trainable=False`` itself, so ``base.trainable = True`` unfreezes its weights.
+    [`unfreeze`][bnfreeze.unfreeze] changes it; ``trainable`` then only decides which
+    weights are trained (the ``norm_eval`` rule of mmdetection). A nested model all of whose
+    layers are frozen reports ``trainable=False`` itself, so ``base.trainable = True``
+    unfreezes its weights.
 
     Freeze before ``compile()``. The model's cached train/test/predict functions are
     dropped so the next call traces the new behaviour; if the model was already trained,
@@ -212,7 +211,7 @@ def freeze(
         model: A built ``keras.Model`` (Sequential, functional, subclassed, nested).
         layers: What to freeze: ``None`` (the whole model), a glob pattern or list of
             patterns over layer paths (``"resnet50/conv4_*"``), layer objects, a predicate
-            ``callable(layer) -> bool``, or :func:`bnfreeze.up_to`. A nested model selects
+            ``callable(layer) -> bool``, or [`bnfreeze.up_to`][]. A nested model selects
             every layer inside it.
         bn_mode: What the frozen BatchNormalization layers do (table above).
         keep_dropout: Leave Dropout, noise, augmentation and RNN-dropout layers of the
@@ -230,7 +229,7 @@ def freeze(
     Every check runs before anything changes: when ``freeze`` raises, the model is
     exactly as it was.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnfreeze
         >>> inputs = keras.Input((4,))
         >>> h = keras.layers.Dense(8, name="dense")(inputs)
@@ -267,7 +266,7 @@ def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = No
     """Make ``layers`` of ``model`` trainable again; the model is changed in place.
 
     With ``bn_mode=None`` the selected BatchNormalization layers return exactly to what
-    they were before :func:`freeze` (class, config, variables), so
+    they were before [`freeze`][bnfreeze.freeze] (class, config, variables), so
     ``unfreeze(freeze(model))`` has the same ``get_config()`` and weights as ``model``
     had (when all its layers were trainable). With a ``bn_mode``, they take that mode
     instead: ``unfreeze(m, "resnet50/conv5_*", bn_mode="inference")`` fine-tunes the top
@@ -276,16 +275,16 @@ def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = No
 
     Args:
         model: A built ``keras.Model``.
-        layers: What to unfreeze; the same selectors as :func:`freeze`.
+        layers: What to unfreeze; the same selectors as [`freeze`][bnfreeze.freeze].
         bn_mode: ``None`` to restore BN layers, or the mode they should take.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ModelError, ModeError, SelectionError: as :func:`freeze`, before any change.
+        ModelError, ModeError, SelectionError: as [`freeze`][bnfreeze.freeze], before any change.
 
-    Example:
+    Examples:
         >>> import keras, bnfreeze
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="d"),
         ...                           keras.layers.BatchNormalization(name="bn")])

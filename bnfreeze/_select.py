@@ -39,9 +39,9 @@ def up_to(name: str) -> UpTo:
         name: The last layer to include.
 
     Returns:
-        A selector for ``layers=`` of :func:`bnfreeze.freeze` and friends.
+        A selector for ``layers=`` of [`bnfreeze.freeze`][] and friends.
 
-    Example:
+    Examples:
         >>> import bnfreeze
         >>> bnfreeze.up_to("conv4_block6_out")
         up_to('conv4_block6_out')
