@@ -59,6 +59,18 @@ HONOURS_GRAPH_TRAINING: bool = IS_TF_KERAS or KERAS_VERSION >= (3, 16, 0)
 Layer = keras.layers.Layer
 Model = keras.Model
 
+#: Layers whose ``call`` takes ``training`` only for float8 quantized training (Keras 3).
+FLOAT8_TRAINING_ONLY: tuple[type, ...] = tuple(
+    getattr(keras.layers, name) for name in ("Dense", "EinsumDense") if hasattr(keras.layers, name)
+)
+
+
+def training_matters_only_for_float8(layer: Any) -> bool:
+    """True for a Dense/EinsumDense that is not float8-quantized: ``training`` changes nothing."""
+    if IS_TF_KERAS or not isinstance(layer, FLOAT8_TRAINING_ONLY):
+        return False
+    return getattr(layer, "quantization_mode", None) != "float8"
+
 
 def flavour_label() -> str:
     """A short human label, e.g. ``"keras 3.15.1"`` or ``"tf-keras 2.21.0"``."""

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from bnfreeze._compat import BN_BASE, Layer, Model, direct_sublayers
+from bnfreeze._compat import (
+    BN_BASE,
+    Layer,
+    Model,
+    direct_sublayers,
+    training_matters_only_for_float8,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,9 +57,15 @@ def _class_takes_training(cls: type) -> bool:
 
 
 def depends_on_phase(layer: Any) -> bool:
-    """True when the layer's ``call`` takes ``training`` (and it is not a model)."""
+    """True when the layer's ``call`` takes ``training`` (and it is not a model).
+
+    Keras 3's Dense and EinsumDense take ``training`` only for float8 quantized training;
+    unless they are float8-quantized they do not count.
+    """
+    if isinstance(layer, Model) or training_matters_only_for_float8(layer):
+        return False
     cls = getattr(type(layer), "_bnfreeze_base", None) or type(layer)
-    return not isinstance(layer, Model) and _class_takes_training(cls)
+    return _class_takes_training(cls)
 
 
 def _contains_batch_norm(layer: Any) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 from bnfreeze._compat import IS_TF_KERAS, keras
 
 L = keras.layers
-FAR_MEAN = 4.0
+FAR_MEAN = -3.0
 FAR_VAR = 0.05
 
 

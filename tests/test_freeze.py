@@ -1,0 +1,299 @@
+"""freeze / unfreeze: real fit steps, variables snapshotted before and after."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import bnfreeze
+from bnfreeze._compat import IS_TF_KERAS, keras
+from bnfreeze._modes import MODES
+from tests import helpers as h
+
+MODE_NAMES = list(MODES)
+KINDS = list(h.BUILDERS)
+
+
+def _bn_state(model: Any) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for bn in h.bn_layers(model):
+        out[bn.name] = {
+            "moving_mean": h.to_numpy(bn.moving_mean).copy(),
+            "moving_variance": h.to_numpy(bn.moving_variance).copy(),
+            "gamma": h.to_numpy(bn.gamma).copy(),
+            "beta": h.to_numpy(bn.beta).copy(),
+        }
+    return out
+
+
+def _non_bn_weights(model: Any) -> dict[int, np.ndarray]:
+    bn_vars = {id(v) for bn in h.bn_layers(model) for v in bn.weights}
+    return {id(v): h.to_numpy(v).copy() for v in model.weights if id(v) not in bn_vars}
+
+
+def _one_step(model: Any, x: Any, y: Any) -> float:
+    n = len(x[0]) if isinstance(x, list) else len(x)
+    hist = model.fit(x, y, batch_size=n, epochs=1, verbose=0, shuffle=False)
+    return float(np.sum([v[0] for k, v in hist.history.items() if k == "loss"]))
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_mode_matrix_whole_model(kind: str, mode: str) -> None:
+    """Each mode on each model kind: statistics, gamma/beta and frozen weights as the table says."""
+    model = h.BUILDERS[kind]()
+    h.set_far_statistics(model)
+    bnfreeze.freeze(model, bn_mode=mode)
+    h.compile_sgd(model, lr=0.5)
+    x, y = h.inputs_for(model), h.targets_for(model)
+    eval_loss = model.evaluate(x, y, batch_size=len(y[0]) if isinstance(y, list) else len(y),
+                               verbose=0)
+    eval_loss = eval_loss[0] if isinstance(eval_loss, list) else eval_loss
+    before_bn, before_other = _bn_state(model), _non_bn_weights(model)
+    fit_loss = _one_step(model, x, y)
+    after_bn, after_other = _bn_state(model), _non_bn_weights(model)
+    spec = MODES[mode]
+    for name in before_bn:
+        stats_changed = not np.array_equal(
+            before_bn[name]["moving_mean"], after_bn[name]["moving_mean"]
+        ) and not np.array_equal(
+            before_bn[name]["moving_variance"], after_bn[name]["moving_variance"]
+        )
+        affine_changed = not np.array_equal(before_bn[name]["gamma"], after_bn[name]["gamma"])
+        assert stats_changed == spec.batch_statistics, (name, "statistics")
+        assert affine_changed == spec.trains_affine, (name, "gamma")
+    for key, value in before_other.items():
+        np.testing.assert_array_equal(value, after_other[key])
+    if spec.batch_statistics:
+        assert not np.isclose(fit_loss, eval_loss, rtol=1e-3)
+    else:
+        np.testing.assert_allclose(fit_loss, eval_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_batch_statistics_match_numpy(mode: str) -> None:
+    """adapt/train: fit's new moving statistics follow numpy moments of the BN's input."""
+    model = h.functional()
+    h.set_far_statistics(model)
+    bn = model.get_layer("bn")
+    x, y = h.inputs_for(model), h.targets_for(model)
+    bn_input = keras.Model(model.inputs, model.get_layer("dense").output).predict(x, verbose=0)
+    old_mean = h.to_numpy(bn.moving_mean).copy()
+    old_var = h.to_numpy(bn.moving_variance).copy()
+    bnfreeze.freeze(model, bn_mode=mode)
+    _one_step(h.compile_sgd(model, lr=0.0), x, y)
+    m = bn.momentum
+    if MODES[mode].batch_statistics:
+        expect_mean = m * old_mean + (1 - m) * bn_input.mean(axis=0)
+        expect_var = m * old_var + (1 - m) * bn_input.var(axis=0)
+    else:
+        expect_mean, expect_var = old_mean, old_var
+    np.testing.assert_allclose(h.to_numpy(bn.moving_mean), expect_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(h.to_numpy(bn.moving_variance), expect_var, rtol=1e-4, atol=1e-5)
+
+
+def _guide_model(dropout: float = 0.5) -> tuple[Any, Any]:
+    inputs = keras.Input((6,))
+    base_out = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(8, name="d")(inputs))
+    base = keras.Model(inputs, base_out, name="base")
+    outer_in = keras.Input((6,))
+    hidden = base(outer_in, training=False)
+    hidden = keras.layers.Dropout(dropout, name="head_dropout")(hidden)
+    outputs = keras.layers.Dense(2, name="head")(hidden)
+    return keras.Model(outer_in, outputs, name="guide"), base
+
+
+def test_guide_pattern_base_unfrozen_keeps_inference_and_head_dropout() -> None:
+    """#20285: freeze(base), then base.trainable = True: BN stays in inference, head Dropout fires."""
+    model, base = _guide_model()
+    h.set_far_statistics(model)
+    bnfreeze.freeze(model, "base")
+    base.trainable = True
+    assert base.get_layer("d").trainable
+    h.compile_sgd(model, lr=0.0)
+    x, y = h.inputs_for(model), h.targets_for(model)
+    bn = base.get_layer("bn")
+    stats = h.to_numpy(bn.moving_mean).copy()
+    eval_loss = model.evaluate(x, y, batch_size=8, verbose=0)
+    fit_losses = [_one_step(model, x, y) for _ in range(3)]
+    np.testing.assert_array_equal(stats, h.to_numpy(bn.moving_mean))
+    # Dropout fires in the head: fit's losses differ from evaluate's and from each other.
+    assert len({round(v, 6) for v in fit_losses}) > 1
+    assert all(not np.isclose(v, eval_loss, rtol=1e-4) for v in fit_losses)
+    # Without the head Dropout the same model has fit == evaluate.
+    model2, base2 = _guide_model(dropout=0.0)
+    h.set_far_statistics(model2)
+    bnfreeze.freeze(model2, "base")
+    base2.trainable = True
+    h.compile_sgd(model2, lr=0.0)
+    np.testing.assert_allclose(
+        _one_step(model2, x, y), model2.evaluate(x, y, batch_size=8, verbose=0), rtol=1e-5
+    )
+
+
+def test_pin_holds_after_trainable_changes() -> None:
+    """A later model.trainable = True trains weights but never changes the pinned statistics."""
+    model = h.functional()
+    h.set_far_statistics(model)
+    bnfreeze.freeze(model)
+    assert model.trainable is False
+    model.trainable = True
+    h.compile_sgd(model, lr=0.5)
+    bn = model.get_layer("bn")
+    before = h.to_numpy(bn.moving_mean).copy(), h.to_numpy(bn.gamma).copy()
+    x, y = h.inputs_for(model), h.targets_for(model)
+    eval_loss = model.evaluate(x, y, batch_size=8, verbose=0)
+    np.testing.assert_allclose(_one_step(model, x, y), eval_loss, rtol=1e-5)
+    np.testing.assert_array_equal(before[0], h.to_numpy(bn.moving_mean))
+    assert not np.array_equal(before[1], h.to_numpy(bn.gamma))  # trainable decides gradients
+
+
+def test_nested_frozen_container_reports_untrainable_and_can_be_unfrozen() -> None:
+    """A nested model whose layers are all frozen says trainable=False; base.trainable=True works."""
+    model, base = _guide_model(dropout=0.0)
+    bnfreeze.freeze(model, "base")
+    assert base.trainable is False
+    assert model.trainable is True
+    assert model.get_layer("head").trainable is True
+    base.trainable = True
+    h.compile_sgd(model, lr=0.5)
+    kernel = h.to_numpy(base.get_layer("d").kernel).copy()
+    _one_step(model, h.inputs_for(model), h.targets_for(model))
+    assert not np.array_equal(kernel, h.to_numpy(base.get_layer("d").kernel))
+
+
+def test_single_image_frozen_model_fit_equals_evaluate() -> None:
+    """The original report, small: everything frozen, one image, fit loss == evaluate loss."""
+    model = h.conv()
+    h.set_far_statistics(model)
+    bnfreeze.freeze(model)
+    model.compile(optimizer="adam", loss="mse")
+    x = h.data((8, 8, 3), n=1)
+    y = h.data((2,), n=1, seed=3)
+    eval_loss = model.evaluate(x, y, verbose=0)
+    fit_loss = model.fit(x, y, epochs=1, verbose=0).history["loss"][0]
+    np.testing.assert_allclose(fit_loss, eval_loss, rtol=1e-5)
+
+
+def test_frozen_part_dropout_off_and_keep_dropout() -> None:
+    """Dropout inside the frozen part is off during fit, unless keep_dropout=True."""
+
+    def build() -> Any:
+        return keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(8, name="d"), keras.layers.Dropout(0.5,
+             name="drop"), keras.layers.Dense(2, name="head")]
+        )
+
+    x, y = h.data((6,)), h.data((2,), seed=9)
+    model = bnfreeze.freeze(build(), ["d", "drop"])
+    h.compile_sgd(model, lr=0.0)
+    np.testing.assert_allclose(
+        _one_step(model, x, y), model.evaluate(x, y, batch_size=8, verbose=0), rtol=1e-5
+    )
+    model = bnfreeze.freeze(build(), ["d", "drop"], keep_dropout=True)
+    h.compile_sgd(model, lr=0.0)
+    assert not np.isclose(_one_step(model, x, y), model.evaluate(x, y, batch_size=8, verbose=0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unfreeze_restores_config_and_values(kind: str) -> None:
+    """unfreeze(freeze(m)) has m's get_config() and identical variable values."""
+    model = h.BUILDERS[kind]()
+    h.set_far_statistics(model)
+    config = model.get_config()
+    before = h.snapshot(model)
+    bnfreeze.unfreeze(bnfreeze.freeze(model, bn_mode="adapt"))
+    assert model.get_config() == config
+    after = h.snapshot(model)
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key])
+    assert all(type(bn) is keras.layers.BatchNormalization for bn in h.bn_layers(model))
+
+
+def test_guide_pattern_roundtrip_restores_recorded_training() -> None:
+    """The training=False recorded in the guide graph comes back with unfreeze."""
+    model, _ = _guide_model()
+    config = model.get_config()
+    bnfreeze.unfreeze(bnfreeze.freeze(model, "base"))
+    assert model.get_config() == config
+
+
+@pytest.mark.parametrize("kind", ["functional", "nested", "subclassed"])
+def test_no_variable_is_copied(kind: str) -> None:
+    """freeze/unfreeze keep every variable object (identity), so optimizers keep working."""
+    model = h.BUILDERS[kind]()
+    ids = [id(v) for v in model.weights]
+    bnfreeze.freeze(model, bn_mode="train")
+    assert [id(v) for v in model.weights] == ids
+    bnfreeze.unfreeze(model)
+    assert [id(v) for v in model.weights] == ids
+
+
+def test_freeze_is_idempotent_and_switches_modes() -> None:
+    """Freezing twice equals freezing once; freezing again with another mode switches."""
+    twice = bnfreeze.freeze(h.nested(), bn_mode="affine")
+    config = twice.get_config()
+    flags = [n.layer.trainable for n in bnfreeze._walk.walk(twice)]
+    bnfreeze.freeze(twice, bn_mode="affine")
+    assert twice.get_config() == config
+    assert [n.layer.trainable for n in bnfreeze._walk.walk(twice)] == flags
+    bnfreeze.freeze(twice, bn_mode="adapt")
+    assert set(bnfreeze._freeze.frozen_modes(twice).values()) == {"adapt"}
+    assert all(not bn.trainable for bn in h.bn_layers(twice))
+
+
+def test_unfreeze_with_mode_fine_tunes_top_block() -> None:
+    """unfreeze(m, part, bn_mode='inference'): the part trains, its BN stays in inference."""
+    model = h.nested()
+    h.set_far_statistics(model)
+    bnfreeze.freeze(model)
+    bnfreeze.unfreeze(model, ["middle/inner/*"], bn_mode="inference")
+    inner = model.get_layer("middle").get_layer("inner")
+    assert inner.get_layer("d_inner").trainable and not inner.get_layer("bn_inner").trainable
+    h.compile_sgd(model, lr=0.5)
+    bn = inner.get_layer("bn_inner")
+    stats, kernel = h.to_numpy(bn.moving_mean).copy(), h.to_numpy(inner.get_layer("d_inner").kernel).copy()
+    _one_step(model, h.inputs_for(model), h.targets_for(model))
+    np.testing.assert_array_equal(stats, h.to_numpy(bn.moving_mean))
+    assert not np.array_equal(kernel, h.to_numpy(inner.get_layer("d_inner").kernel))
+
+
+def test_up_to_freezes_prefix_in_topological_order() -> None:
+    """up_to(name) freezes every unit up to and including name, nothing after it."""
+    model = h.nested()
+    bnfreeze.freeze(model, bnfreeze.up_to("bn_middle"))
+    middle = model.get_layer("middle")
+    assert not middle.trainable
+    assert model.get_layer("bn_outer").trainable and model.get_layer("head").trainable
+    assert bnfreeze._freeze.frozen_modes(model) == {
+        "middle/inner/bn_inner": "inference",
+        "middle/bn_middle": "inference",
+    }
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_save_and_load_keeps_modes_and_weights(mode: str, tmp_path: Any) -> None:
+    """A frozen model saved as .keras and loaded (safe mode) keeps modes, weights, behaviour."""
+    model, _ = _guide_model()
+    h.set_far_statistics(model)
+    bnfreeze.freeze(model, "base", bn_mode=mode)
+    path = str(tmp_path / "frozen.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True) if not IS_TF_KERAS else (
+        keras.models.load_model(path, safe_mode=True)
+    )
+    assert bnfreeze._freeze.frozen_modes(loaded) == bnfreeze._freeze.frozen_modes(model)
+    before, after = h.snapshot(model), h.snapshot(loaded)
+    for (k1, v1), (k2, v2) in zip(before.items(), after.items()):
+        np.testing.assert_array_equal(v1, v2, err_msg=f"{k1} vs {k2}")
+    h.compile_sgd(loaded, lr=0.0)
+    bn = loaded.get_layer("base").get_layer("bn")
+    stats = h.to_numpy(bn.moving_mean).copy()
+    _one_step(loaded, h.inputs_for(loaded), h.targets_for(loaded))
+    assert np.array_equal(stats, h.to_numpy(bn.moving_mean)) != MODES[mode].batch_statistics
+    # and it unfreezes to a plain model again
+    bnfreeze.unfreeze(loaded)
+    assert type(bn) is keras.layers.BatchNormalization
