@@ -22,6 +22,7 @@ if IS_TF_KERAS:  # pragma: no cover - depends on the flavour under test
     from tf_keras.src.saving import object_registration as _registration
 
     _CUSTOM_NAMES: dict[Any, str] = _registration._GLOBAL_CUSTOM_NAMES
+    from tf_keras.src.engine import base_layer_utils as _base_layer_utils
 else:
     import keras
     from keras.src.saving import object_registration as _registration
@@ -128,6 +129,21 @@ def reset_compiled_functions(model: Any) -> None:
                 pass
 
 
+def run_updates_even_if_frozen(updates: Any) -> None:
+    """tf-keras: run a layer's ``add_update`` callables even inside a non-trainable part.
+
+    tf-keras skips them whenever any layer on the call stack has ``trainable=False``
+    (``call_context().frozen``); bnfreeze's ``adapt`` mode needs them with gamma/beta frozen.
+    """
+    import tensorflow as tf
+
+    if _base_layer_utils.call_context().in_keras_graph:
+        return
+    for update in tf.nest.flatten(updates):
+        if callable(update):
+            update()
+
+
 def learning_phase_default() -> Any:
     """The flavour's value for ``training=None`` inside a layer's call."""
     if IS_TF_KERAS:
@@ -138,18 +154,17 @@ def learning_phase_default() -> Any:
 _MISSING = object()
 
 
-def recorded_training(layer: Any) -> list[tuple[Any, Any]]:
-    """``(node, value)`` for every graph node that calls ``layer`` with a recorded ``training=``.
-
-    Keras 3 only: tf-keras neither overwrites nor leaks a recorded value, and its nodes
-    cache their flattened arguments, so bnfreeze leaves its graphs as they are.
-    """
+def _node_kwargs(node: Any) -> Any:
     if IS_TF_KERAS:
-        return []
+        return getattr(node, "call_kwargs", None)
+    return getattr(getattr(node, "arguments", None), "kwargs", None)
+
+
+def recorded_training(layer: Any) -> list[tuple[Any, Any]]:
+    """``(node, value)`` for every graph node that calls ``layer`` with a recorded ``training=``."""
     found = []
     for node in getattr(layer, "_inbound_nodes", []):
-        arguments = getattr(node, "arguments", None)
-        kwargs = getattr(arguments, "kwargs", None)
+        kwargs = _node_kwargs(node)
         if isinstance(kwargs, dict) and "training" in kwargs:
             found.append((node, kwargs["training"]))
     return found
@@ -157,14 +172,28 @@ def recorded_training(layer: Any) -> list[tuple[Any, Any]]:
 
 def set_recorded_training(node: Any, value: Any) -> None:
     """Record ``training=value`` in ``node``'s call, or remove it when ``value`` is ``_MISSING``."""
-    from keras.src.ops.symbolic_arguments import SymbolicArguments
-
-    kwargs = dict(node.arguments.kwargs)
+    kwargs = dict(_node_kwargs(node))
     if value is _MISSING:
         kwargs.pop("training", None)
     else:
         kwargs["training"] = value
-    node.arguments = SymbolicArguments(*node.arguments.args, **kwargs)
+    if not IS_TF_KERAS:
+        from keras.src.ops.symbolic_arguments import SymbolicArguments
+
+        node.arguments = SymbolicArguments(*node.arguments.args, **kwargs)
+        return
+    # tf-keras caches the flattened arguments of a node; recompute them as Node.__init__ does.
+    import tensorflow as tf
+
+    node.call_kwargs = kwargs
+    node._flat_arguments = tf.nest.flatten((node.call_args, node.call_kwargs.values()))
+    node._single_positional_tensor_passed = (
+        not node.call_kwargs and len(node.call_args) == 1 and tf.is_tensor(node.call_args[0])
+    )
+    inputs = [
+        (i, x) for i, x in enumerate(node._flat_arguments) if any(x is k for k in node._keras_inputs)
+    ]
+    node._keras_inputs_ids_and_indices = [(str(id(x)), i) for i, x in inputs]
 
 
 def stripped_nodes(layer: Any) -> list[Any]:

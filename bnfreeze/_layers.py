@@ -23,7 +23,14 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from bnfreeze._compat import BN_BASE, IS_TF_KERAS, keras, learning_phase_default, register_serialized_name
+from bnfreeze._compat import (
+    BN_BASE,
+    IS_TF_KERAS,
+    keras,
+    learning_phase_default,
+    register_serialized_name,
+    run_updates_even_if_frozen,
+)
 from bnfreeze._modes import MODES, PINNED_INFERENCE
 from bnfreeze._walk import is_batch_norm
 
@@ -134,7 +141,13 @@ def _bn_members(base: type) -> dict[str, Any]:
                 training = bool(training)
             return training
 
-        return {"_get_training_value": _get_training_value}
+        def add_update(self: Any, updates: Any) -> None:
+            if MODES[self._bnfreeze_mode].batch_statistics:
+                run_updates_even_if_frozen(updates)
+            else:
+                base.add_update(self, updates)
+
+        return {"_get_training_value": _get_training_value, "add_update": add_update}
 
     def call(self: Any, inputs: Any, training: Any = None, mask: Any = None) -> Any:
         if not (MODES[self._bnfreeze_mode].batch_statistics and training):
