@@ -97,12 +97,13 @@ def _resolve_up_to(sel: UpTo, nodes: list[Node], argument: str) -> list[Node]:
     target = matches[0]
     index = nodes.index(target)
     chosen = [n for n in nodes[: index + 1] if not n.is_container]
-    chosen += descendants(nodes, target.path)
-    return chosen
+    return chosen + _expand(target, nodes)[0 if target.is_container else 1 :]
 
 
 def _expand(node: Node, nodes: list[Node]) -> list[Node]:
-    return descendants(nodes, node.path) if node.is_container else [node]
+    if not node.is_container:
+        return [node]
+    return [n for n in descendants(nodes, node.path) if not n.is_container]
 
 
 def select(nodes: list[Node], selector: Selector, *, argument: str = "layers") -> list[Node]:
