@@ -7,6 +7,7 @@
 
 from bnfreeze._errors import (
     BNFreezeError,
+    DataError,
     ModeError,
     ModelError,
     SelectionError,
@@ -15,6 +16,7 @@ from bnfreeze._errors import (
 from bnfreeze._freeze import freeze, unfreeze
 from bnfreeze._modes import MODE_NAMES as BN_MODES
 from bnfreeze._modes import BNMode
+from bnfreeze._recalibrate import recalibrate
 from bnfreeze._select import up_to
 
 __version__ = "0.1.0"
@@ -23,12 +25,14 @@ __all__ = [
     "BNFreezeError",
     "BNMode",
     "BN_MODES",
+    "DataError",
     "ModeError",
     "ModelError",
     "SelectionError",
     "UnsupportedLayerError",
     "__version__",
     "freeze",
+    "recalibrate",
     "unfreeze",
     "up_to",
 ]

@@ -25,3 +25,7 @@ class UnsupportedLayerError(BNFreezeError, TypeError):
 
 class FindingsError(BNFreezeError):
     """Raised by ``AuditReport.raise_for_findings`` when an audit has findings."""
+
+
+class DataError(BNFreezeError):
+    """``data`` given to ``recalibrate`` is empty, malformed or cannot be read as needed."""
