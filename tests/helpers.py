@@ -174,3 +174,15 @@ def compile_sgd(model: Any, lr: float = 0.1, **kwargs: Any) -> Any:
 
 
 TF_KERAS = IS_TF_KERAS
+
+
+def two_bn_conv() -> Any:
+    """Conv -> BN -> ReLU -> Conv -> BN -> pool -> Dense: two BN layers, one feeding the other."""
+    inputs = keras.Input((6, 6, 3))
+    h = L.Conv2D(4, 3, padding="same", name="conv1")(inputs)
+    h = L.BatchNormalization(name="bn1")(h)
+    h = L.Activation("relu", name="relu")(h)
+    h = L.Conv2D(5, 3, padding="same", name="conv2")(h)
+    h = L.BatchNormalization(name="bn2")(h)
+    h = L.GlobalAveragePooling2D(name="pool")(h)
+    return keras.Model(inputs, L.Dense(2, name="head")(h), name="two_bn_conv")
