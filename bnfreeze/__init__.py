@@ -5,9 +5,20 @@
 ['adapt', 'affine', 'inference', 'train']
 """
 
+from bnfreeze._audit import (
+    AuditReport,
+    Behaviour,
+    Finding,
+    LayerDivergence,
+    LayerRecord,
+    PhaseComparison,
+    audit,
+    compare_phases,
+)
 from bnfreeze._errors import (
     BNFreezeError,
     DataError,
+    FindingsError,
     ModeError,
     ModelError,
     SelectionError,
@@ -22,15 +33,24 @@ from bnfreeze._select import up_to
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditReport",
     "BNFreezeError",
     "BNMode",
     "BN_MODES",
+    "Behaviour",
     "DataError",
+    "Finding",
+    "FindingsError",
+    "LayerDivergence",
+    "LayerRecord",
     "ModeError",
     "ModelError",
+    "PhaseComparison",
     "SelectionError",
     "UnsupportedLayerError",
     "__version__",
+    "audit",
+    "compare_phases",
     "freeze",
     "recalibrate",
     "unfreeze",

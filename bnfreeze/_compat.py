@@ -199,3 +199,216 @@ def set_recorded_training(node: Any, value: Any) -> None:
 def stripped_nodes(layer: Any) -> list[Any]:
     """Nodes calling ``layer`` whose recorded ``training=`` bnfreeze removed (and remembers)."""
     return [n for n in getattr(layer, "_inbound_nodes", []) if hasattr(n, "_bnfreeze_training")]
+
+
+# --- helpers of bnfreeze._audit (observing fit/evaluate/predict without running them) -------
+
+
+def trainer_forward(model: Any, inputs: Any, *, training: bool) -> Any:
+    """Call ``model`` on ``inputs`` exactly as ``fit`` (``training=True``) or ``evaluate``
+    and ``predict`` (``training=False``) call it in this flavour's train/test/predict step.
+
+    Keras 3 leaves ``training`` out for a model whose ``call`` does not take it; tf-keras
+    always passes it (and drops it itself, KERAS_FACTS fact 4).
+    """
+    if IS_TF_KERAS or getattr(model, "_call_has_training_arg", True):
+        return model(inputs, training=training)
+    return model(inputs)
+
+
+def fit_trainable_state(model: Any) -> Any:
+    """A context in which ``trainable`` flags are those ``fit`` would use now.
+
+    tf-keras's ``fit`` applies the flags recorded at ``compile()``
+    (``RespectCompiledTrainableState``); Keras 3 uses the current flags (a cached train
+    function keeps its traced behaviour, see :func:`fit_trainable_variables`).
+    """
+    import contextlib
+
+    if IS_TF_KERAS and getattr(model, "_compiled_trainable_state", None) is not None:
+        from tf_keras.src.engine import training_utils
+
+        return training_utils.RespectCompiledTrainableState(model)
+    return contextlib.nullcontext()
+
+
+def fit_trainable_variables(model: Any) -> tuple[list[Any], str]:
+    """The variables the next ``fit`` step would train, and where that set comes from.
+
+    Keras 3: once ``fit`` has traced its train function, the function and the optimizer
+    keep the set of trainable variables of that moment (until ``compile()`` again);
+    otherwise the current set. tf-keras: the flags recorded at ``compile()``.
+    """
+    if IS_TF_KERAS:
+        if getattr(model, "_compiled_trainable_state", None) is None:
+            return list(model.trainable_weights), "current"
+        with fit_trainable_state(model):
+            return list(model.trainable_weights), "compile"
+    optimizer = getattr(model, "optimizer", None)
+    if (
+        getattr(model, "train_function", None) is not None
+        and optimizer is not None
+        and getattr(optimizer, "built", False)
+        and getattr(optimizer, "_trainable_variables", None) is not None
+    ):
+        return list(optimizer._trainable_variables), "train_function"
+    return list(model.trainable_variables), "current"
+
+
+def variable_path(variable: Any) -> str:
+    """A readable unique-ish name of a variable (``"dense/kernel"``)."""
+    path = getattr(variable, "path", None)
+    if isinstance(path, str):
+        return path
+    name = str(getattr(variable, "name", variable))
+    return name[:-2] if name.endswith(":0") else name
+
+
+def variable_handle(variable: Any) -> Any:
+    """The TensorFlow resource handle behind a Keras variable (what a graph captures)."""
+    value = getattr(variable, "value", None)
+    if not IS_TF_KERAS and value is not None and hasattr(value, "handle"):
+        return value.handle
+    return getattr(variable, "handle", None)
+
+
+def state_variables(model: Any) -> list[Any]:
+    """Every variable a forward pass or a loss computation may change.
+
+    The model's variables (Keras 3 includes its layers' seed-generator states), its
+    metrics' variables and Keras 3's global seed generator.
+    """
+    found: list[Any] = []
+    seen: set[int] = set()
+
+    def add(variables: Any) -> None:
+        for v in variables or []:
+            if id(v) not in seen:
+                seen.add(id(v))
+                found.append(v)
+
+    add(model.variables)
+    if IS_TF_KERAS:
+        for metric in getattr(model, "metrics", []) or []:
+            add(metric.variables)
+        compiled_loss = getattr(model, "compiled_loss", None)
+        for metric in getattr(compiled_loss, "metrics", []) or []:
+            add(metric.variables)
+    else:
+        try:
+            add(model.metrics_variables)
+        except Exception:  # pragma: no cover - metrics not built
+            pass
+        from keras.src.backend.common import global_state
+
+        generator = global_state.get_global_attribute("global_seed_generator")
+        if generator is not None:
+            add([generator.state])
+    return found
+
+
+def num_replicas(model: Any) -> int:
+    """Replicas in sync of the distribution strategy ``fit`` runs ``model`` under."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
+
+
+def model_input_spec(model: Any) -> Any:
+    """The nested ``tf.TensorSpec`` structure ``model`` is called with, or ``None``.
+
+    Functional and Sequential models know their inputs; a subclassed model knows the
+    shape of its first call (Keras 3 ``_build_shapes_dict``, tf-keras
+    ``_saved_model_inputs_spec``) when that was a single tensor.
+    """
+    import tensorflow as tf
+
+    def spec(tensor: Any) -> Any:
+        shape = tuple(tensor.shape)
+        dtype = getattr(tensor, "dtype", "float32")
+        return tf.TensorSpec(shape, tf.as_dtype(getattr(dtype, "name", dtype)))
+
+    struct = None
+    if IS_TF_KERAS:
+        struct = getattr(model, "_nested_inputs", None)
+        if struct is None:
+            saved = getattr(model, "_saved_model_inputs_spec", None)
+            if saved is not None:
+                return tf.nest.map_structure(
+                    lambda t: tf.TensorSpec((None, *tuple(t.shape)[1:]), t.dtype), saved
+                )
+    else:
+        struct = getattr(model, "_inputs_struct", None)
+        if struct is None:
+            functional = getattr(model, "_functional", None)
+            struct = getattr(functional, "_inputs_struct", None)
+        if struct is None:
+            shapes = getattr(model, "_build_shapes_dict", None) or {}
+            if len(shapes) == 1:
+                (shape,) = shapes.values()
+                if isinstance(shape, (tuple, list)) and all(
+                    d is None or isinstance(d, int) for d in shape
+                ):
+                    return tf.TensorSpec((None, *tuple(shape)[1:]), tf.float32)
+            return None
+    if struct is None:
+        return None
+    return tf.nest.map_structure(spec, struct)
+
+
+def trace_graph(fn: Any, signature: Any) -> Any:
+    """Build (trace) ``fn(placeholders)`` into a fresh graph without executing anything.
+
+    A trace creates ops but runs none, so no variable, seed or optimizer state changes:
+    this is how ``fit``'s own ``tf.function`` sees the model before it first runs.
+    Returns the graph.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework import func_graph
+
+    graph = func_graph.FuncGraph("bnfreeze_audit")
+    with graph.as_default():
+        placeholders = tf.nest.map_structure(
+            lambda s: tf.compat.v1.placeholder(s.dtype, s.shape), signature
+        )
+        fn(placeholders)
+    return graph
+
+
+def ops_since(graph: Any, start: int) -> list[Any]:
+    """The ops added to ``graph`` after it had ``start`` ops (``graph.version``)."""
+    found = []
+    for op_id in range(start + 1, graph.version + 1):
+        try:
+            found.append(graph._nodes_by_id[op_id])
+        except (KeyError, IndexError):  # pragma: no cover - ids are dense in practice
+            continue
+    return found
+
+
+def bn_uses_batch_statistics(layer: Any, training: Any) -> bool:
+    """Whether a BatchNormalization call receiving ``training`` takes the batch branch.
+
+    Keras 3: ``training and self.trainable`` (a pinned layer decides by its mode, see
+    ``_layers``); tf-keras: the layer's own ``_get_training_value``. Call it inside the
+    call (a trace), so ``trainable`` is what the caller sees at that moment.
+    """
+    if IS_TF_KERAS:
+        value = layer._get_training_value(training)
+        return value is True or (isinstance(value, int) and not isinstance(value, bool) and bool(value))
+    return bool(training) and bool(layer.trainable)
+
+
+def compiled_loss_value(model: Any, x: Any, y: Any, y_pred: Any, *, training: bool) -> Any:
+    """The loss ``fit`` (``training=True``) or ``evaluate`` reports for one batch.
+
+    Runs the model's own ``compute_loss`` (compiled loss plus the losses the last call
+    added, e.g. regularizers); it may update loss-metric variables, which the caller
+    restores. Returns ``None`` when the model is not compiled.
+    """
+    if IS_TF_KERAS:
+        if getattr(model, "compiled_loss", None) is None:
+            return None
+        return model.compute_loss(x, y, y_pred, None)
+    if getattr(model, "_compile_loss", None) is None:
+        return None
+    return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=None, training=training)
