@@ -26,7 +26,11 @@ _MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 class InputError(Exception):
-    """Input the command cannot use (missing file, wrong format, unreadable model)."""
+    """Input the command cannot use; ``name`` is what the one-line error starts with."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 def _version() -> str:
@@ -36,8 +40,16 @@ def _version() -> str:
     return f"bnfreeze {bnfreeze.__version__} ({flavour_label()})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line ``UsageError: message`` and exit status 2."""
+
+    def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
+        print(f"UsageError: {message}. See `{self.prog} --help`.", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bnfreeze",
         description="Freeze Keras BatchNormalization layers so fit, evaluate and predict agree.",
     )
@@ -87,33 +99,41 @@ def _load(path: str, *, compile: bool) -> Any:
     from bnfreeze._compat import keras
 
     if not os.path.exists(path):
-        raise InputError(f"No such file: {path!r}. Expected a .keras or .h5 model file.")
+        raise InputError(
+            "FileNotFoundError", f"No such file: {path!r}. Expected a .keras or .h5 model file."
+        )
     if os.path.isdir(path):
         raise InputError(
-            f"{path!r} is a directory. Expected a .keras or .h5 model file (a SavedModel "
-            "directory cannot be audited: load it in Python and call bnfreeze.audit)."
+            "IsADirectoryError",
+            f"{path!r} is a directory. Expected a .keras or .h5 model file (to audit a "
+            "SavedModel directory, load it in Python and call bnfreeze.audit).",
         )
     if not path.lower().endswith(_MODEL_SUFFIXES):
         raise InputError(
-            f"Cannot read {path!r}: expected a file ending in .keras or .h5 (or .hdf5)."
+            "ValueError",
+            f"Cannot read {path!r}: expected a file whose name ends in .keras or .h5 (or .hdf5).",
         )
     try:
         model = keras.models.load_model(path, compile=compile)
-    except Exception as error:  # anything the loader raises means the input is unusable
-        message = " ".join(str(error).split()) or type(error).__name__
-        raise InputError(f"Cannot load {path!r} as a Keras model: {message}") from error
+    except Exception as error:  # whatever the loader raises, the input is unusable
+        detail = " ".join(str(error).split()) or "no detail"
+        raise InputError(
+            type(error).__name__, f"Cannot load {path!r} as a Keras model: {detail}"
+        ) from error
     if not isinstance(model, keras.Model):
-        raise InputError(f"{path!r} holds a {type(model).__name__}, not a Keras model.")
+        raise InputError(
+            "TypeError", f"{path!r} holds a {type(model).__name__}, not a Keras model."
+        )
     return model
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     import bnfreeze
 
+    model = _load(args.path, compile=args.compile)
     audit = getattr(bnfreeze, "audit", None)
     if audit is None:  # pragma: no cover - only before bnfreeze.audit exists
-        raise InputError("this bnfreeze has no bnfreeze.audit; upgrade bnfreeze.")
-    model = _load(args.path, compile=args.compile)
+        raise InputError("NotImplementedError", "this version of bnfreeze has no bnfreeze.audit.")
     report = audit(model)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
@@ -140,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it).
 
     Example:
-        >>> main(["demo", "--no-such-option"])  # doctest: +SKIP
+        >>> main(["audit", "no-such-model.keras"])  # prints a one-line error on stderr
         2
     """
     parser = _parser()
@@ -149,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except InputError as error:
-        print(f"{type(error).__name__}: {error}", file=sys.stderr)
+        print(f"{error.name}: {error}", file=sys.stderr)
         return EXIT_ERROR
     except (ValueError, TypeError, OSError) as error:
         print(f"{type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)

@@ -75,6 +75,12 @@ def _audit_dict(report: Any) -> Any:
     return to_dict() if callable(to_dict) else str(report)
 
 
+def _to_numpy(value: Any) -> np.ndarray:
+    """A variable or eager tensor of any flavour as a numpy array (a copy)."""
+    numpy = getattr(value, "numpy", None)
+    return np.array(numpy() if callable(numpy) else value)
+
+
 # --- data ---------------------------------------------------------------------------
 
 
@@ -86,12 +92,14 @@ def smooth_images(n: int, size: int, seed: int) -> np.ndarray:
     low = np.floor(grid).astype(int).clip(0, 4)
     frac = grid - low
     # rows, then columns (separable bilinear interpolation)
-    rows = coarse[:, low] * (1 - frac)[None, :, None, None] + coarse[:, low + 1] * frac[
-        None, :, None, None
-    ]
-    images = rows[:, :, low] * (1 - frac)[None, None, :, None] + rows[:, :, low + 1] * frac[
-        None, None, :, None
-    ]
+    rows = (
+        coarse[:, low] * (1 - frac)[None, :, None, None]
+        + coarse[:, low + 1] * frac[None, :, None, None]
+    )
+    images = (
+        rows[:, :, low] * (1 - frac)[None, None, :, None]
+        + rows[:, :, low + 1] * frac[None, None, :, None]
+    )
     return images.astype("float32")
 
 
@@ -100,9 +108,7 @@ def smooth_images(n: int, size: int, seed: int) -> np.ndarray:
 
 def resnet50_base(size: int) -> Any:
     """``ResNet50(weights=None, include_top=False)``: nothing is downloaded."""
-    return keras.applications.ResNet50(
-        weights=None, include_top=False, input_shape=(size, size, 3)
-    )
+    return keras.applications.ResNet50(weights=None, include_top=False, input_shape=(size, size, 3))
 
 
 def mini_base(size: int) -> Any:
@@ -143,7 +149,7 @@ def calibrate_batch_norm(base: Any, images: np.ndarray) -> int:
             bn.momentum = 0.0
         base(images, training=True)
     finally:
-        for bn, momentum in zip(layers, momenta):
+        for bn, momentum in zip(layers, momenta, strict=True):
             bn.momentum = momentum
     return len(layers)
 
@@ -167,7 +173,7 @@ def train_head(model: Any, base: Any, x: np.ndarray, y: np.ndarray, target: floa
     """
     pool = model.get_layer("pool")
     head = model.get_layer("head")
-    features = np.asarray(pool(base(x, training=False)))
+    features = _to_numpy(pool(base(x, training=False)))
     # The head starts at zero (every class equally likely) and plain gradient descent on
     # the cross-entropy moves the logits by `rate * (p - onehot)` per step whatever the
     # scale of the features, so a few dozen steps reach the target loss.
@@ -198,8 +204,8 @@ def _moving_statistics(base: Any) -> list[np.ndarray]:
     out = []
     for node in walk(base):
         if is_batch_norm(node.layer):
-            out.append(np.array(node.layer.moving_mean))
-            out.append(np.array(node.layer.moving_variance))
+            out.append(_to_numpy(node.layer.moving_mean))
+            out.append(_to_numpy(node.layer.moving_variance))
     return out
 
 
@@ -209,15 +215,13 @@ def _first_value(history_value: Any) -> float:
 
 def measure(case: str, model: Any, base: Any, x: np.ndarray, y: np.ndarray) -> Row:
     """Evaluate on ``(x, y)``, then one ``fit`` step with learning rate 0 on the same data."""
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy"
-    )
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
     evaluate_loss = _first_value(model.evaluate(x, y, batch_size=len(x), verbose=0))
     before = _moving_statistics(base)
     history = model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
     fit_loss = _first_value(history.history["loss"][0])
     after = _moving_statistics(base)
-    changed = any(not np.array_equal(a, b) for a, b in zip(before, after))
+    changed = any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     match = math.isclose(fit_loss, evaluate_loss, rel_tol=MATCH_RTOL, abs_tol=1e-6)
     return Row(case, fit_loss, evaluate_loss, match, "batch" if changed else "moving")
 
@@ -240,7 +244,7 @@ def run(*, quick: bool = False, with_audit: bool = True) -> DemoResult:
     base.trainable = False
     steps = train_head(model, base, x, y, target=0.30)
     # Restored by variable (not by position: tf-keras orders `weights` by trainability).
-    saved = [(v, np.array(v)) for v in model.weights]
+    saved = [(v, _to_numpy(v)) for v in model.weights]
     result = DemoResult(
         flavour=flavour_label(),
         model="mini ResNet (--quick)" if quick else "ResNet50",
