@@ -1,8 +1,7 @@
 """The pinned layers: a frozen layer's behaviour lives in the layer itself.
 
 ``pin(layer, mode)`` changes the class of ``layer`` *in place* to a generated subclass of
-its own class (``FrozenBatchNormalization`` for ``BatchNormalization``, ``FrozenDropout``
-for ``Dropout``, ...). The instance, its name, its variables and its place in every
+its own class, of the same name (so saved weight files keep their variable paths). The instance, its name, its variables and its place in every
 graph stay exactly the same; only its ``call`` now decides the learning phase itself:
 
 * a BatchNormalization follows its ``bn_mode`` (see ``_modes``) whatever ``training``
@@ -190,7 +189,11 @@ def _generated_class(base: type) -> type:
         members.update(_bn_members(base))
     else:
         members.update(_inference_members(base))
-    cls = type(f"Frozen{base.__name__}", (base,), members)
+    # The generated class keeps its base's name: Keras names saved variables after the
+    # class of a layer held in a list (``model.layers``), so weight files of frozen and
+    # unfrozen models stay interchangeable. ``is_pinned`` and ``audit`` tell them apart.
+    members["__qualname__"] = base.__qualname__
+    cls = type(base.__name__, (base,), members)
     register_serialized_name(cls, REGISTERED_NAME)
     _GENERATED[base] = cls
     return cls

@@ -297,3 +297,49 @@ def test_save_and_load_keeps_modes_and_weights(mode: str, tmp_path: Any) -> None
     # and it unfreezes to a plain model again
     bnfreeze.unfreeze(loaded)
     assert type(bn) is keras.layers.BatchNormalization
+
+
+def test_weight_files_interchangeable_between_frozen_and_plain(tmp_path: Any) -> None:
+    """save_weights of a frozen model loads into a plain one (same variable paths), and back."""
+    frozen = h.nested()
+    h.set_far_statistics(frozen)
+    bnfreeze.freeze(frozen, bn_mode="affine")
+    path = str(tmp_path / "frozen.weights.h5")
+    frozen.save_weights(path)
+    plain = h.nested()
+    plain.load_weights(path)
+    for a, b in zip(h.bn_layers(frozen), h.bn_layers(plain)):
+        np.testing.assert_array_equal(h.to_numpy(a.moving_mean), h.to_numpy(b.moving_mean))
+
+
+@keras.saving.register_keras_serializable(package="bnfreeze_tests")
+class SavableSubclassed(keras.Model):
+    def __init__(self, units: int = 4, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+        self.dense = keras.layers.Dense(units, name="dense")
+        self.bn = keras.layers.BatchNormalization(name="bn")
+
+    def call(self, inputs: Any, training: Any = None) -> Any:
+        return self.bn(self.dense(inputs), training=training)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "units": self.units}
+
+
+def test_subclassed_save_load_keeps_weights_not_pins(tmp_path: Any) -> None:
+    """A subclassed model is rebuilt by its own __init__ on load: weights come back, pins do not.
+
+    This is the documented limitation; freezing again after loading restores the behaviour.
+    """
+    model = SavableSubclassed(name="savable")
+    model(h.data((3,)))
+    h.set_far_statistics(model)
+    bnfreeze.freeze(model, bn_mode="adapt")
+    path = str(tmp_path / "sub.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(h.to_numpy(loaded.bn.moving_mean), h.to_numpy(model.bn.moving_mean))
+    assert bnfreeze._freeze.frozen_modes(loaded) == {}
+    bnfreeze.freeze(loaded, bn_mode="adapt")
+    assert bnfreeze._freeze.frozen_modes(loaded) == {"bn": "adapt"}
