@@ -49,7 +49,7 @@ def pinned_mode(layer: Any) -> str | None:
     return str(layer._bnfreeze_mode)
 
 
-def original_class(layer: Any) -> type:
+def original_class(layer: Any) -> Any:
     """The class ``layer`` had before it was pinned (its own class when not pinned)."""
     base = getattr(type(layer), "_bnfreeze_base", None)
     return base if base is not None else type(layer)
@@ -78,7 +78,7 @@ def unpin(layer: Any) -> None:
 
 
 def _frozen_get_config(self: Any) -> dict[str, Any]:
-    base = original_class(self)
+    base: Any = original_class(self)
     fresh = base.from_config(base.get_config(self))
     return {
         "name": self.name,
@@ -128,7 +128,7 @@ def _batch_statistics_call_keras3(self: Any, inputs: Any, mask: Any) -> Any:
     return ops.cast(outputs, self.compute_dtype)
 
 
-def _bn_members(base: type) -> dict[str, Any]:
+def _bn_members(base: Any) -> dict[str, Any]:
     if IS_TF_KERAS:
 
         def _get_training_value(self: Any, training: Any = None) -> Any:
@@ -158,7 +158,7 @@ def _bn_members(base: type) -> dict[str, Any]:
     return {"call": call}
 
 
-def _inference_members(base: type) -> dict[str, Any]:
+def _inference_members(base: Any) -> dict[str, Any]:
     signature = inspect.signature(base.call)
     params = list(signature.parameters)
     position = params.index("training") - 1 if "training" in params else None

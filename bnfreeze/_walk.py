@@ -64,7 +64,7 @@ def depends_on_phase(layer: Any) -> bool:
     """
     if isinstance(layer, Model) or training_matters_only_for_float8(layer):
         return False
-    cls = getattr(type(layer), "_bnfreeze_base", None) or type(layer)
+    cls: type = getattr(type(layer), "_bnfreeze_base", None) or type(layer)
     return _class_takes_training(cls)
 
 

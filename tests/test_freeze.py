@@ -343,3 +343,63 @@ def test_subclassed_save_load_keeps_weights_not_pins(tmp_path: Any) -> None:
     assert bnfreeze._freeze.frozen_modes(loaded) == {}
     bnfreeze.freeze(loaded, bn_mode="adapt")
     assert bnfreeze._freeze.frozen_modes(loaded) == {"bn": "adapt"}
+
+
+class _BaseWithTraining(keras.Model):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8, name="d")
+        self.bn = keras.layers.BatchNormalization(name="bn")
+
+    def call(self, inputs: Any, training: Any = None) -> Any:
+        return self.bn(self.dense(inputs), training=training)
+
+
+class _BaseWithoutTraining(keras.Model):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8, name="d")
+        self.bn = keras.layers.BatchNormalization(name="bn")
+
+    def call(self, inputs: Any) -> Any:
+        return self.bn(self.dense(inputs))
+
+
+def _base(kind: str) -> Any:
+    if kind == "functional":
+        inputs = keras.Input((6,))
+        out = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(8, name="d")(inputs))
+        return keras.Model(inputs, out, name="base")
+    if kind == "sequential":
+        return keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(8, name="d"),
+             keras.layers.BatchNormalization(name="bn")], name="base")
+    base = (_BaseWithTraining if kind == "subclassed" else _BaseWithoutTraining)(name="base")
+    base(h.data((6,)))
+    return base
+
+
+@pytest.mark.parametrize("base_kind", ["functional", "sequential", "subclassed", "subclassed_no_training"])
+@pytest.mark.parametrize("mode", ["inference", "adapt"])
+def test_guide_pattern_every_base_kind(base_kind: str, mode: str) -> None:
+    """KERAS_FACTS rows: base(x, training=False) for every base kind, base unfrozen afterwards.
+
+    The BN follows the frozen mode on every flavour, and the head's Dropout still fires.
+    """
+    base = _base(base_kind)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dropout(0.5, name="head_dropout")(base(inputs, training=False))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+    h.set_far_statistics(model)
+    bnfreeze.freeze(model, "base", bn_mode=mode)
+    base.trainable = True
+    h.compile_sgd(model, lr=0.0)
+    x, y = h.inputs_for(model), h.targets_for(model)
+    bn = h.bn_layers(base)[0]
+    stats = h.to_numpy(bn.moving_mean).copy()
+    eval_loss = model.evaluate(x, y, batch_size=8, verbose=0)
+    fit_losses = [_one_step(model, x, y) for _ in range(3)]
+    changed = not np.array_equal(stats, h.to_numpy(bn.moving_mean))
+    assert changed == MODES[mode].batch_statistics
+    assert len({round(v, 6) for v in fit_losses}) > 1, "the head's Dropout did not fire"
+    assert all(not np.isclose(v, eval_loss, rtol=1e-4) for v in fit_losses)
