@@ -403,3 +403,35 @@ def test_guide_pattern_every_base_kind(base_kind: str, mode: str) -> None:
     assert changed == MODES[mode].batch_statistics
     assert len({round(v, 6) for v in fit_losses}) > 1, "the head's Dropout did not fire"
     assert all(not np.isclose(v, eval_loss, rtol=1e-4) for v in fit_losses)
+
+
+def _exotic_bn_model() -> Any:
+    inputs = keras.Input((4, 6))
+    hidden = keras.layers.Dense(6, name="d")(inputs)
+    hidden = keras.layers.BatchNormalization(
+        axis=1, momentum=0.9, epsilon=1e-2, center=False, name="bn_axis1"
+    )(hidden)
+    hidden = keras.layers.BatchNormalization(
+        renorm=True, renorm_momentum=0.8, synchronized=True, name="bn_renorm_sync"
+    )(hidden)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_exotic_bn_settings_follow_mode_and_round_trip(mode: str) -> None:
+    """axis=1, center=False, renorm, synchronized: modes hold and unfreeze restores the config."""
+    model = _exotic_bn_model()
+    h.set_far_statistics(model)
+    config, before = model.get_config(), h.snapshot(model)
+    bnfreeze.freeze(model, bn_mode=mode)
+    h.compile_sgd(model, lr=0.1)
+    x, y = h.data((4, 6)), h.data((4, 2), seed=4)
+    stats = {bn.name: h.to_numpy(bn.moving_mean).copy() for bn in h.bn_layers(model)}
+    _one_step(model, x, y)
+    for bn in h.bn_layers(model):
+        changed = not np.array_equal(stats[bn.name], h.to_numpy(bn.moving_mean))
+        assert changed == MODES[mode].batch_statistics, bn.name
+    # Values changed by the step, but config is restored exactly and no variable was lost.
+    bnfreeze.unfreeze(model)
+    assert model.get_config() == config
+    assert h.snapshot(model).keys() == before.keys()
