@@ -137,21 +137,40 @@ def preprocess(images: np.ndarray) -> np.ndarray:
 def calibrate_batch_norm(base: Any, images: np.ndarray) -> int:
     """Set every BN's moving statistics to the moments of its inputs on ``images``.
 
-    One forward pass in training mode with every BN's momentum set to 0: each BN then
-    normalises with the batch's moments and stores exactly those as its moving
-    statistics, so the next BN sees inputs normalised as they will be at inference.
-    Momentum is restored afterwards. Returns the number of BN layers calibrated.
+    One eager forward pass in inference mode: each BN layer, when its turn comes, first
+    stores the float64 numpy moments of the inputs it receives (over every axis but its
+    channel axis; the variance without Bessel's correction) as its moving statistics and
+    then normalises with them, so the next BN sees its inputs exactly as it will at
+    inference. The per-layer hook is removed afterwards. Returns the number of BN layers.
     """
     layers = [n.layer for n in walk(base) if is_batch_norm(n.layer)]
-    momenta = [bn.momentum for bn in layers]
+    for bn in layers:
+        bn.call = _calibrating_call(bn)
     try:
-        for bn in layers:
-            bn.momentum = 0.0
-        base(images, training=True)
+        base(images, training=False)
     finally:
-        for bn, momentum in zip(layers, momenta, strict=True):
-            bn.momentum = momentum
+        for bn in layers:
+            try:
+                del bn.call
+            except AttributeError:  # pragma: no cover - Keras 3 tracking may refuse
+                object.__delattr__(bn, "call")
     return len(layers)
+
+
+def _calibrating_call(bn: Any) -> Any:
+    original = type(bn).call
+
+    def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        values = _to_numpy(inputs).astype("float64")
+        axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+        channels = {a % values.ndim for a in axis}
+        reduce = tuple(a for a in range(values.ndim) if a not in channels)
+        bn.moving_mean.assign(values.mean(axis=reduce).astype("float32"))
+        bn.moving_variance.assign(values.var(axis=reduce).astype("float32"))
+        kwargs["training"] = False
+        return original(bn, inputs, *args, **kwargs)
+
+    return call
 
 
 def guide_model(base: Any, classes: int) -> Any:
