@@ -740,6 +740,15 @@ def _graph_training_findings(ctx: _Context) -> list[Finding]:
             got = _effective_received(ctx, seen_map, node)
             if got is _UNSET or bool(got) == recorded:
                 continue
+            inside = [
+                r
+                for r in ctx.rows
+                if (r.path == node.path or r.path.startswith(node.path + "/"))
+                and not is_pinned(r.layer)
+            ]
+            behaviour = [r.fit if passed else r.evaluate for r in inside]
+            if recorded is False and not any(b.phase == "training" for b in behaviour):
+                continue  # ignored, but nothing inside behaves differently because of it
             what = (
                 "its BatchNormalization layers use batch statistics and update their moving "
                 "statistics, and its Dropout-like layers fire"
@@ -980,6 +989,7 @@ def _signature_default_findings(ctx: _Context) -> list[Finding]:
     if IS_TF_KERAS:
         return []  # tf-keras records only what the user passed
     found = []
+    latent: list[str] = []
     for record in ctx.rows:
         layer = record.layer
         if is_pinned(layer):
@@ -994,31 +1004,41 @@ def _signature_default_findings(ctx: _Context) -> list[Finding]:
         else:
             effect = "it never runs its training behaviour (e.g. never fires) in fit"
             active = record.fit.phase == "inference"
-        if HONOURS_GRAPH_TRAINING and active:
-            severity: Severity = "error"
-            message = (
-                f"the graph records training={default} for {record.path!r} (the default of "
-                f"its call, as keras 3.15 writes it) and {flavour_label()} honours it: "
-                f"{effect}."
-            )
-        else:
-            severity = "warning"
-            message = (
-                f"the graph records training={default} for {record.path!r} (the default of "
-                f"its call, as keras 3.15 writes it). {flavour_label()} ignores it, but "
-                f"keras 3.16+ honours recorded values: once this model is saved and loaded "
-                f"there, {effect}."
-            )
+        if not (HONOURS_GRAPH_TRAINING and active):
+            latent.append(f"{record.path} (training={default})")
+            continue
         found.append(
             Finding(
                 "pinned-signature-default",
-                severity,
+                "error",
                 record.path,
-                message,
-                "Rebuild the model from code under the Keras that trains it instead of "
-                "loading a file written by another version; if the layer should stay "
-                f"inactive during fit anyway, bnfreeze.freeze(model, {record.path!r}) pins it "
-                "(pinned layers ignore recorded training=).",
+                f"the graph records training={default} for {record.path!r} (the default of "
+                f"its call, as keras 3.15 writes it into every node) and {flavour_label()} "
+                f"honours it: {effect}.",
+                f"Rebuild the model from code under {flavour_label()} and load only the "
+                "weights (model.load_weights) instead of the file written by keras 3.15; if "
+                f"{record.path!r} should stay inactive during fit anyway, "
+                f"bnfreeze.freeze(model, {record.path!r}) pins it (pinned layers ignore "
+                "recorded training=).",
+            )
+        )
+    if latent:
+        shown = ", ".join(latent[:5]) + (f" and {len(latent) - 5} more" if len(latent) > 5 else "")
+        found.append(
+            Finding(
+                "pinned-signature-default",
+                "warning",
+                "",
+                f"the graph records each layer's signature default as training= for "
+                f"{len(latent)} layer(s): {shown}. {flavour_label()} ignores these, but "
+                "keras 3.16+ honours recorded values: loaded there from a saved file, a "
+                "Dropout-like layer recorded False never fires in fit and an augmentation "
+                "layer recorded True augments in evaluate and predict.",
+                "keras 3.15 writes these values whatever the model code says (an explicit "
+                "training=None is recorded too, and 3.16 honours None as 'no training'). To "
+                "train this model with keras 3.16+, rebuild it from code there and transfer "
+                "the weights (model.save_weights / model.load_weights) instead of loading the "
+                "saved model file; layers pinned by bnfreeze.freeze are not affected.",
             )
         )
     return found
@@ -1282,6 +1302,11 @@ def _loss_value(
     return float(_np(value))
 
 
+def _assign_all(variables: list[Any], values: list[np.ndarray]) -> None:
+    for v, value in zip(variables, values):
+        v.assign(value)
+
+
 def _phase_eager(layer: Any, training: Any) -> Phase:
     if is_batch_norm(layer):
         mode = pinned_mode(layer)
@@ -1381,6 +1406,7 @@ def compare_phases(
                 fit_loss = (
                     _loss_value(model, x, y, fit_out, loss, training=True) if y is not None else None
                 )
+        _assign_all(variables, saved)  # evaluate must see the statistics fit started from
         with _Wrapped(watched, record_eval):
             eval_out = trainer_forward(model, x, training=False)
             eval_loss = (
@@ -1405,8 +1431,7 @@ def compare_phases(
                 LayerDivergence(node.path, _class_name(layer), divergence, fit_phase, eval_phase)
             )
     finally:
-        for v, value in zip(variables, saved):
-            v.assign(value)
+        _assign_all(variables, saved)
     entries.sort(key=lambda e: (-(e.divergence if not math.isnan(e.divergence) else -1.0)))
     eval_arrays = _as_arrays(eval_out)
     result_loss = (

@@ -225,11 +225,19 @@ def fit_trainable_state(model: Any) -> Any:
     """
     import contextlib
 
-    if IS_TF_KERAS and getattr(model, "_compiled_trainable_state", None) is not None:
+    if IS_TF_KERAS and _tf_keras_compiled_state(model) is not None:
         from tf_keras.src.engine import training_utils
 
         return training_utils.RespectCompiledTrainableState(model)
     return contextlib.nullcontext()
+
+
+def _tf_keras_compiled_state(model: Any) -> Any:
+    """tf-keras: the trainable flags recorded by ``compile()`` (``None`` before compile;
+    tf-keras also fills the record at construction, which ``fit`` never uses)."""
+    if not getattr(model, "_is_compiled", False):
+        return None
+    return getattr(model, "_compiled_trainable_state", None)
 
 
 def fit_trainable_variables(model: Any) -> tuple[list[Any], str]:
@@ -240,7 +248,7 @@ def fit_trainable_variables(model: Any) -> tuple[list[Any], str]:
     otherwise the current set. tf-keras: the flags recorded at ``compile()``.
     """
     if IS_TF_KERAS:
-        if getattr(model, "_compiled_trainable_state", None) is None:
+        if _tf_keras_compiled_state(model) is None:
             return list(model.trainable_weights), "current"
         with fit_trainable_state(model):
             return list(model.trainable_weights), "compile"

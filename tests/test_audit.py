@@ -1,0 +1,574 @@
+"""audit and compare_phases: what the audit says must match what Keras really does.
+
+Every claim about ``fit`` is checked against one real ``fit`` step on the same model
+(moving statistics snapshotted before/after; Dropout firing read from the reported loss
+against an independent forward pass), on whichever flavour runs the suite.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bnfreeze
+from bnfreeze._compat import IS_TF_KERAS, KERAS_VERSION, keras, recorded_training
+from tests.helpers import (
+    BUILDERS,
+    compile_sgd,
+    data,
+    inputs_for,
+    set_far_statistics,
+    snapshot,
+    targets_for,
+    to_numpy,
+)
+
+L = keras.layers
+K315 = not IS_TF_KERAS and KERAS_VERSION < (3, 16, 0)
+K316 = not IS_TF_KERAS and KERAS_VERSION >= (3, 16, 0)
+
+
+# --- the KERAS_FACTS cases ---------------------------------------------------------------
+
+
+def _base(name: str = "base") -> Any:
+    return keras.Sequential(
+        [keras.Input((6,)), L.Dense(8, name="dense"), L.BatchNormalization(name="bn")], name=name
+    )
+
+
+class SubBase(keras.Model):
+    """A subclassed base that passes ``training`` through."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dense = L.Dense(8, name="dense")
+        self.bn = L.BatchNormalization(name="bn")
+
+    def call(self, inputs: Any, training: Any = None) -> Any:
+        return self.bn(self.dense(inputs), training=training)
+
+
+class SubBaseNoTraining(keras.Model):
+    """A subclassed base whose ``call`` has no ``training`` parameter."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dense = L.Dense(8, name="dense")
+        self.bn = L.BatchNormalization(name="bn")
+
+    def call(self, inputs: Any) -> Any:
+        return self.bn(self.dense(inputs))
+
+
+class Outer(keras.Model):
+    """A subclassed outer model: ``self.base(x, training=False)`` then ``self.drop(h)``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.base = _base()
+        self.drop = L.Dropout(0.9, name="drop")
+        self.head = L.Dense(2, name="head")
+
+    def call(self, inputs: Any, training: Any = None) -> Any:
+        return self.head(self.drop(self.base(inputs, training=False)))
+
+
+@dataclass
+class Case:
+    model: Any
+    part: Any  # the part holding the BN: called as part(x, training=...)
+    drop: Any
+    head: Any
+    bn_path: str
+    recorded_false: bool  # the graph records training=False for the part
+
+
+def _graph_case(part: Any, *, part_training: Any, bn_path: str) -> Case:
+    inputs = keras.Input((6,))
+    h = part(inputs) if part_training is None else part(inputs, training=part_training)
+    drop, head = L.Dropout(0.9, name="drop"), L.Dense(2, name="head")
+    model = keras.Model(inputs, head(drop(h)), name="case")
+    return Case(model, part, drop, head, bn_path, part_training is False)
+
+
+def case_bn_untrainable() -> Case:
+    case = _graph_case(_base(), part_training=None, bn_path="base/bn")
+    case.part.get_layer("bn").trainable = False
+    return case
+
+
+def case_model_frozen() -> Case:
+    case = _graph_case(_base(), part_training=None, bn_path="base/bn")
+    case.model.trainable = False
+    return case
+
+
+def case_guide_unfrozen() -> Case:
+    case = _graph_case(_base(), part_training=False, bn_path="base/bn")
+    case.part.trainable = False
+    case.part.trainable = True  # the guide's fine-tuning step
+    return case
+
+
+def case_guide_frozen() -> Case:
+    case = _graph_case(_base(), part_training=False, bn_path="base/bn")
+    case.part.trainable = False
+    return case
+
+
+def case_subclassed_base() -> Case:
+    part = SubBase(name="base")
+    part(np.zeros((2, 6), "float32"))
+    return _graph_case(part, part_training=False, bn_path="base/bn")
+
+
+def case_subclassed_base_no_training() -> Case:
+    part = SubBaseNoTraining(name="base")
+    part(np.zeros((2, 6), "float32"))
+    return _graph_case(part, part_training=False, bn_path="base/bn")
+
+
+def case_subclassed_outer() -> Case:
+    model = Outer(name="outer")
+    model(np.zeros((2, 6), "float32"))
+    return Case(model, model.base, model.drop, model.head, "base/bn", False)
+
+
+def case_bn_training_false() -> Case:
+    inputs = keras.Input((6,))
+    dense, bn = L.Dense(8, name="dense"), L.BatchNormalization(name="bn")
+    drop, head = L.Dropout(0.9, name="drop"), L.Dense(2, name="head")
+    model = keras.Model(inputs, head(drop(bn(dense(inputs), training=False))), name="case")
+    part = keras.Sequential([dense, bn])
+    return Case(model, part, drop, head, "bn", True)
+
+
+CASES = {
+    "bn_untrainable": case_bn_untrainable,
+    "model_frozen": case_model_frozen,
+    "guide_unfrozen": case_guide_unfrozen,
+    "guide_frozen": case_guide_frozen,
+    "subclassed_base": case_subclassed_base,
+    "subclassed_base_no_training": case_subclassed_base_no_training,
+    "subclassed_outer": case_subclassed_outer,
+    "bn_training_false": case_bn_training_false,
+}
+
+
+def _bn(model: Any, path: str) -> Any:
+    return bnfreeze.audit(model).row(path).layer
+
+
+def _restore(model: Any, saved: dict[str, np.ndarray]) -> None:
+    for i, v in enumerate(model.weights):
+        v.assign(saved[f"{i}:{v.name}"])
+
+
+def _mse(y: np.ndarray, pred: Any) -> float:
+    return float(np.mean((to_numpy(pred) - y) ** 2))
+
+
+@dataclass
+class Measured:
+    bn_batch: bool  # moving statistics changed in the fit step
+    dropout_fired: bool
+
+
+def measure_fit(case: Case, x: np.ndarray, y: np.ndarray) -> Measured:
+    """One real fit step (SGD with learning rate 0); restores the weights afterwards."""
+    model = case.model
+    bn = _bn(model, case.bn_path)
+    compile_sgd(model, lr=0.0)
+    saved = snapshot(model)
+    before = to_numpy(bn.moving_mean).copy()
+    history = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+    batch = not np.allclose(before, to_numpy(bn.moving_mean))
+    _restore(model, saved)
+    # Independent reference: the same layers called eagerly, BN in the measured phase,
+    # Dropout off. A rate-0.9 Dropout that fired cannot give the same loss.
+    reference = _mse(y, case.head(case.drop(case.part(x, training=batch), training=False)))
+    _restore(model, saved)
+    fired = not np.isclose(history.history["loss"][0], reference, rtol=1e-4, atol=1e-6)
+    return Measured(batch, fired)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_audit_matches_one_real_fit_step(name: str) -> None:
+    """For every KERAS_FACTS case, the audit's fit column is what one real fit step does."""
+    case = CASES[name]()
+    set_far_statistics(case.model)
+    x, y = data((6,), 8), data((2,), 8, seed=1)
+    report = bnfreeze.audit(case.model)
+    measured = measure_fit(case, x, y)
+    bn_row, drop_row = report.row(case.bn_path), report.row("drop")
+    assert bn_row.fit.updates_state is measured.bn_batch
+    assert bn_row.fit.phase == ("training" if measured.bn_batch else "inference")
+    assert drop_row.fit.phase == ("training" if measured.dropout_fired else "inference")
+    assert bn_row.evaluate.phase == bn_row.predict.phase == "inference"
+    codes = {(f.code, f.path) for f in report.findings}
+    # The recorded training=False is flagged exactly when fit does not honour it (tf-keras
+    # drops it from the node of a base whose call has no training parameter: no record).
+    holder = case.part if "/" in case.bn_path else report.row(case.bn_path).layer
+    recorded = any(v is False for _n, v in recorded_training(holder))
+    assert recorded is (case.recorded_false and not (IS_TF_KERAS and "no_training" in name))
+    ignored = recorded and measured.bn_batch
+    part_path = case.bn_path.split("/", 1)[0]
+    assert (("graph-training-ignored", part_path) in codes) is ignored, report
+    # A Dropout after the part that does not fire although fit passes training=True leaked.
+    assert (("training-leak", "drop") in codes) is (not measured.dropout_fired), report
+
+
+# Known flavour facts (KERAS_FACTS table), asserted in addition to the measurement above.
+FACTS = {
+    # case: {flavour: (bn uses batch statistics under fit, head Dropout fires under fit)}
+    "guide_unfrozen": {"k315": (True, True), "tfk": (False, True), "k316": (False, False)},
+    "guide_frozen": {"k315": (False, True), "tfk": (False, True), "k316": (False, False)},
+    "subclassed_outer": {"k315": (False, False), "tfk": (False, True), "k316": (False, False)},
+    "bn_training_false": {"k315": (True, True), "tfk": (False, True), "k316": (False, False)},
+}
+FLAVOUR = "tfk" if IS_TF_KERAS else ("k316" if K316 else "k315")
+
+
+@pytest.mark.parametrize("name", list(FACTS))
+def test_audit_reports_the_known_flavour_facts(name: str) -> None:
+    """The audit reproduces the KERAS_FACTS table for this flavour."""
+    case = CASES[name]()
+    report = bnfreeze.audit(case.model)
+    batch, fires = FACTS[name][FLAVOUR]
+    assert (report.row(case.bn_path).fit.phase == "training") is batch
+    assert (report.row("drop").fit.phase == "training") is fires
+
+
+def test_hard_coded_training_true_in_evaluate_matches_real_evaluate() -> None:
+    """BN/Dropout called with training=True: the evaluate column matches a real evaluate."""
+    inputs = keras.Input((6,))
+    dense, bn = L.Dense(8, name="dense"), L.BatchNormalization(name="bn")
+    drop, head = L.Dropout(0.9, name="drop"), L.Dense(2, name="head")
+    h = drop(bn(dense(inputs), training=True), training=True)
+    model = keras.Model(inputs, head(h))
+    set_far_statistics(model)
+    x, y = data((6,), 8), data((2,), 8, seed=1)
+    report = bnfreeze.audit(model)
+    compile_sgd(model, lr=0.0)
+    saved = snapshot(model)
+    loss = model.evaluate(x, y, batch_size=8, verbose=0)
+    updated = not np.allclose(saved[[k for k in saved if "moving_mean" in k][0]],
+                              to_numpy(bn.moving_mean))
+    _restore(model, saved)
+    reference = _mse(y, head(drop(bn(dense(x), training=updated), training=False)))
+    _restore(model, saved)
+    fired = not np.isclose(loss, reference, rtol=1e-4, atol=1e-6)
+    row = report.row("bn")
+    assert row.evaluate.updates_state is updated
+    assert row.evaluate.phase == ("training" if updated else "inference")
+    assert report.row("drop").evaluate.phase == ("training" if fired else "inference")
+    assert updated is (not K315)  # KERAS_FACTS: 3.15 ignores it; tf-keras/3.16 update
+
+
+# --- findings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [*BUILDERS, "guide", "outer"])
+def test_model_frozen_with_defaults_has_no_findings(kind: str) -> None:
+    """bnfreeze.freeze(model) with default settings leaves nothing to report."""
+    if kind == "guide":
+        model = case_guide_unfrozen().model
+    elif kind == "outer":
+        model = case_subclassed_outer().model
+    else:
+        model = BUILDERS[kind]()
+    report = bnfreeze.audit(bnfreeze.freeze(model))
+    assert report.findings == []
+    assert all(r.fit.phase == "inference" and not r.fit.updates_state for r in report.rows)
+    assert all(not r.fit.trains_weights for r in report.rows)
+    report.raise_for_findings()
+
+
+def test_frozen_part_whose_bn_still_uses_batch_statistics() -> None:
+    """A BN made trainable again inside a frozen base is flagged, and really adapts in fit."""
+    case = _graph_case(_base(), part_training=None, bn_path="base/bn")
+    case.part.trainable = False
+    case.part.get_layer("bn").trainable = True
+    report = bnfreeze.audit(case.model)
+    finding = [f for f in report.findings if f.code == "frozen-bn-batch-statistics"]
+    assert [(f.path, f.severity) for f in finding] == [("base/bn", "error")]
+    assert finding[0].fix == (
+        "bnfreeze.freeze(model, 'base') pins it to its moving statistics "
+        "(bn_mode='inference'), or choose bn_mode='adapt' if the statistics should follow "
+        "the new data on purpose."
+    )
+    assert report.row("base/bn").fit.phase == "training"
+    after = bnfreeze.audit(bnfreeze.freeze(case.model, "base"))
+    assert [f.code for f in after.findings] == (["pinned-signature-default"] if K315 else [])
+
+
+def test_dropout_active_inside_a_frozen_part() -> None:
+    """A Dropout inside a frozen nested model still fires under fit: flagged as a warning."""
+    base = keras.Sequential(
+        [keras.Input((6,)), L.Dense(8, name="dense"), L.Dropout(0.5, name="inner_drop")],
+        name="base",
+    )
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, L.Dense(2, name="head")(base(inputs)))
+    base.trainable = False
+    report = bnfreeze.audit(model)
+    findings = [f for f in report.findings if f.code != "pinned-signature-default"]
+    assert [(f.code, f.path, f.severity) for f in findings] == [
+        ("active-in-frozen-part", "base/inner_drop", "warning")
+    ]
+    assert findings[0].message == (
+        "Dropout 'base/inner_drop' is in the frozen part 'base' but still runs its training "
+        "behaviour under fit (it fires, adds noise or augments)."
+    )
+    assert not bnfreeze.audit(bnfreeze.freeze(model, "base")).findings  # inner_drop pinned
+
+
+def test_trainable_changed_since_compile_is_flagged_until_recompile() -> None:
+    """Changing trainable after fit without compile() is reported, and fit indeed ignores it."""
+    model = BUILDERS["functional"]()
+    compile_sgd(model, lr=0.1)
+    x, y = inputs_for(model), targets_for(model)
+    model.fit(x, y, epochs=1, verbose=0)
+    model.get_layer("dense").trainable = False
+    report = bnfreeze.audit(model)
+    finding = [f for f in report.findings if f.code == "trainable-changed-since-compile"]
+    assert len(finding) == 1 and finding[0].path == ""
+    assert "2 variable(s) now frozen are still trained by fit" in finding[0].message
+    assert report.row("bn").fit.trains_weights  # fit still trains what it was built with
+    kernel = to_numpy(model.get_layer("dense").kernel).copy()
+    model.fit(x, y, epochs=1, verbose=0)
+    assert not np.allclose(kernel, to_numpy(model.get_layer("dense").kernel))  # really trained
+    compile_sgd(model, lr=0.1)
+    assert not [
+        f for f in bnfreeze.audit(model).findings if f.code == "trainable-changed-since-compile"
+    ]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("synchronized", [False, True], ids=["plain", "synchronized"])
+def test_bn_in_training_mode_under_two_replicas(synchronized: bool) -> None:
+    """Non-synchronized BN in training mode under a 2-replica MirroredStrategy is flagged."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        inputs = keras.Input((6,))
+        h = L.BatchNormalization(name="bn", synchronized=synchronized)(L.Dense(8)(inputs))
+        model = keras.Model(inputs, L.Dense(2)(h))
+        compile_sgd(model)
+    report = bnfreeze.audit(model)
+    codes = [(f.code, f.path) for f in report.findings]
+    assert codes == ([] if synchronized else [("unsynchronized-bn-replicas", "bn")])
+    assert report.row("bn").fit.phase == "training"
+
+
+@pytest.mark.parametrize(
+    ("kind", "severity"), [("functional", "error"), ("conv", "warning")], ids=["dense", "conv"]
+)
+def test_bn_fed_batches_of_one(kind: str, severity: str) -> None:
+    """A BN in training mode with batch_size=1: error without spatial dims, else warning."""
+    model = BUILDERS[kind]()
+    report = bnfreeze.audit(model, batch_size=1)
+    assert [(f.code, f.path, f.severity) for f in report.findings] == [
+        ("bn-batch-size-one", "bn", severity)
+    ]
+    assert bnfreeze.audit(model, batch_size=2).findings == []
+
+
+@pytest.mark.skipif(IS_TF_KERAS, reason="tf-keras records only what the user passes")
+def test_recorded_signature_default_is_the_cross_version_hazard() -> None:
+    """A node recording Dropout's default training=False: warned on 3.15, observed on 3.16."""
+    from bnfreeze._compat import recorded_training, set_recorded_training
+
+    inputs = keras.Input((6,))
+    drop = L.Dropout(0.9, name="drop")
+    model = keras.Model(inputs, L.Dense(2, name="head")(drop(L.Dense(8)(inputs))))
+    for node in drop._inbound_nodes[:1]:
+        set_recorded_training(node, False)  # what a file written by keras 3.15 holds
+    assert [v for _n, v in recorded_training(drop)] == [False]
+    report = bnfreeze.audit(model)
+    finding = [f for f in report.findings if f.code == "pinned-signature-default"]
+    assert [(f.path, f.severity) for f in finding] == [("drop", "error") if K316 else ("", "warning")]
+    fires = report.row("drop").fit.phase == "training"
+    assert fires is K315
+    # A real fit step agrees: with lr=0 the loss equals the no-dropout loss iff it did not fire.
+    x, y = data((6,), 8), data((2,), 8, seed=1)
+    compile_sgd(model, lr=0.0)
+    saved = snapshot(model)
+    loss = model.fit(x, y, batch_size=8, verbose=0).history["loss"][0]
+    _restore(model, saved)
+    assert (not np.isclose(loss, _mse(y, model(x, training=False)), rtol=1e-4)) is fires
+
+
+# --- rows --------------------------------------------------------------------------------
+
+
+class Noisy(keras.layers.Layer):
+    """A custom layer whose call takes training."""
+
+    def call(self, inputs: Any, training: Any = None) -> Any:
+        return inputs + 1.0 if training else inputs
+
+
+def test_rows_cover_builtin_and_custom_phase_dependent_layers() -> None:
+    """Rows: BN, noise, dropout, RNN, attention, spectral norm, custom; none for Dense."""
+    inputs = keras.Input((4, 6))
+    h = L.GaussianNoise(0.1, name="noise")(inputs)
+    h = L.LSTM(6, dropout=0.2, return_sequences=True, name="lstm")(h)
+    h = L.MultiHeadAttention(2, 3, dropout=0.1, name="mha")(h, h)
+    h = L.BatchNormalization(name="bn")(h)
+    h = Noisy(name="custom")(h)
+    h = L.Flatten()(h)
+    h = L.SpectralNormalization(L.Dense(3), name="sn")(h)
+    model = keras.Model(inputs, L.Dense(2, name="head")(h))
+    report = bnfreeze.audit(model)
+    assert {r.path for r in report.rows} == {"noise", "lstm", "mha", "bn", "custom", "sn"}
+    assert all(r.fit.phase == "training" for r in report.rows)
+    assert all(r.evaluate.phase == "inference" for r in report.rows)
+    assert report.row("sn").fit.updates_state and not report.row("sn").evaluate.updates_state
+    assert report.row("bn").bn_mode is None and report.row("custom").class_name == "Noisy"
+    # The spectral norm's power-iteration vector really changes in one fit step.
+    sn = report.row("sn").layer
+    state = [v for v in sn.non_trainable_weights][0]
+    before = to_numpy(state).copy()
+    compile_sgd(model, lr=0.0)
+    model.fit(data((4, 6), 4), data((2,), 4), verbose=0)
+    assert not np.allclose(before, to_numpy(state))
+
+
+def test_audit_changes_nothing() -> None:
+    """Variables, seeds, optimizer state and the compiled train function are untouched."""
+    model = keras.Sequential(
+        [keras.Input((6,)), L.Dense(8), L.BatchNormalization(), L.Dropout(0.5), L.Dense(2)]
+    )
+    compile_sgd(model)
+    x, y = data((6,), 8), data((2,), 8)
+    model.fit(x, y, verbose=0)
+    train_function = model.train_function
+    before = [to_numpy(v).copy() for v in [*model.variables, *model.optimizer.variables]]
+    bnfreeze.audit(model)
+    after = [to_numpy(v) for v in [*model.variables, *model.optimizer.variables]]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert model.train_function is train_function
+    assert "call" not in vars(model.layers[1])  # the wrappers are gone
+
+
+# --- rendering and errors ----------------------------------------------------------------
+
+
+def test_report_renders_as_text_html_and_json() -> None:
+    """print(report) is a table + findings, HTML for notebooks, to_dict is JSON."""
+    model = case_bn_training_false().model
+    report = bnfreeze.audit(model)
+    text = str(report)
+    assert text.splitlines()[0].startswith(f"audit of model 'case' ({report.flavour}): 2 ")
+    assert "path  class               trainable  bn_mode  fit" in text
+    assert ("findings:" in text) is bool(report.findings)
+    assert "<table>" in report._repr_html_() and "drop" in report._repr_html_()
+    data_ = json.loads(json.dumps(report.to_dict()))
+    assert data_["rows"][0]["path"] == "bn" and data_["rows"][0]["fit"]["phase"] in (
+        "training",
+        "inference",
+    )
+    assert isinstance(report.findings, list)
+
+
+def test_raise_for_findings() -> None:
+    """raise_for_findings raises FindingsError listing the findings, and validates severity."""
+    report = bnfreeze.audit(BUILDERS["functional"](), batch_size=1)
+    with pytest.raises(bnfreeze.FindingsError) as info:
+        report.raise_for_findings()
+    assert str(info.value).startswith(
+        f"The audit of model 'functional' ({report.flavour}) has 1 finding(s):\n"
+        "[error] bn-batch-size-one at 'bn': "
+    )
+    with pytest.raises(bnfreeze.BNFreezeError) as bad:
+        report.raise_for_findings("fatal")  # type: ignore[arg-type]
+    assert str(bad.value) == (
+        "Expected `severity` to be one of ('warning', 'error'). Received: severity='fatal'."
+    )
+
+
+def test_errors_name_what_was_received() -> None:
+    """Bad arguments raise with what was received and expected."""
+    with pytest.raises(bnfreeze.ModelError):
+        bnfreeze.audit(L.Dense(2))
+    model = BUILDERS["functional"]()
+    with pytest.raises(bnfreeze.BNFreezeError) as info:
+        bnfreeze.audit(model, batch_size=0)
+    assert str(info.value) == "Expected `batch_size` to be a positive int or None. Received: batch_size=0."
+    with pytest.raises(bnfreeze.SelectionError) as missing:
+        bnfreeze.audit(model).row("nope")
+    assert str(missing.value) == (
+        "No phase-dependent layer at 'nope' in the audit of model 'functional'. "
+        "Expected one of ['bn']."
+    )
+    with pytest.raises(bnfreeze.ModelError) as uncompiled:
+        bnfreeze.compare_phases(model, inputs_for(model), targets_for(model))
+    assert str(uncompiled.value) == (
+        "compare_phases received targets `y` but model 'functional' is not compiled with a "
+        "loss. Expected model.compile(loss=...) first, or pass loss= (e.g. loss='mse')."
+    )
+
+
+# --- compare_phases ----------------------------------------------------------------------
+
+
+def _two_bn_model() -> Any:
+    inputs = keras.Input((6,))
+    h = L.BatchNormalization(name="bn_near")(L.Dense(8, name="dense")(inputs))
+    h = L.Dropout(0.2, name="drop")(h)
+    h = L.BatchNormalization(name="bn_far")(h)
+    return keras.Model(inputs, L.Dense(2, name="head")(h), name="two_bn")
+
+
+def test_compare_phases_ranks_the_bn_with_far_statistics_first_and_changes_nothing() -> None:
+    """The BN whose statistics are far from its inputs ranks first; no state changes."""
+    model = _two_bn_model()
+    bn_far = model.get_layer("bn_far")
+    bn_far.moving_mean.assign(np.full((8,), 4.0, "float32"))
+    bn_far.moving_variance.assign(np.full((8,), 0.05, "float32"))
+    compile_sgd(model)
+    x, y = data((6,), 16), data((2,), 16, seed=1)
+    before = [to_numpy(v).copy() for v in [*model.variables, *model.optimizer.variables]]
+    result = bnfreeze.compare_phases(model, x, y)
+    after = [to_numpy(v) for v in [*model.variables, *model.optimizer.variables]]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert [e.path for e in result.layers][0] == "bn_far"
+    assert {e.path for e in result.layers} == {"bn_near", "drop", "bn_far"}
+    assert result.layers[0].divergence > 5 * result.layers[1].divergence
+    assert result.divergence > 0
+    assert json.loads(json.dumps(result.to_dict()))["layers"][0]["path"] == "bn_far"
+    assert str(result).splitlines()[0].startswith("loss: fit (training) ")
+
+
+def test_compare_phases_losses_equal_evaluate_and_one_lr0_fit_step() -> None:
+    """result.loss equals what evaluate and one learning-rate-0 fit step report."""
+    model = BUILDERS["functional"]()
+    set_far_statistics(model)
+    compile_sgd(model, lr=0.0)
+    x, y = inputs_for(model), targets_for(model)
+    result = bnfreeze.compare_phases(model, x, y)
+    explicit = bnfreeze.compare_phases(model, x, y, loss="mse")
+    assert result.loss is not None
+    evaluated = model.evaluate(x, y, batch_size=len(x), verbose=0)
+    fitted = model.fit(x, y, batch_size=len(x), verbose=0, shuffle=False).history["loss"][0]
+    np.testing.assert_allclose(result.loss["inference"], evaluated, rtol=1e-5)
+    np.testing.assert_allclose(result.loss["training"], fitted, rtol=1e-5)
+    assert result.loss["training"] != pytest.approx(result.loss["inference"], rel=0.1)
+    assert explicit.loss == pytest.approx(result.loss, rel=1e-5)
+
+
+def test_compare_phases_on_a_frozen_model_shows_no_divergence() -> None:
+    """After bnfreeze.freeze, fit and evaluate agree: divergence 0, equal losses."""
+    model = bnfreeze.freeze(BUILDERS["functional"]())
+    set_far_statistics(model)
+    compile_sgd(model)
+    result = bnfreeze.compare_phases(model, inputs_for(model), targets_for(model))
+    assert result.divergence == 0.0
+    assert result.loss is not None and result.loss["training"] == result.loss["inference"]
+    assert [e.divergence for e in result.layers] == [0.0]
