@@ -232,9 +232,14 @@ def _first_value(history_value: Any) -> float:
     return float(np.asarray(history_value).reshape(-1)[0])
 
 
+def compile_for_demo(model: Any) -> None:
+    """Compile as the demo measures: plain SGD with learning rate 0, cross-entropy."""
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
+
+
 def measure(case: str, model: Any, base: Any, x: np.ndarray, y: np.ndarray) -> Row:
     """Evaluate on ``(x, y)``, then one ``fit`` step with learning rate 0 on the same data."""
-    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
+    compile_for_demo(model)
     evaluate_loss = _first_value(model.evaluate(x, y, batch_size=len(x), verbose=0))
     before = _moving_statistics(base)
     history = model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
@@ -284,11 +289,12 @@ def run(*, quick: bool = False, with_audit: bool = True) -> DemoResult:
     if audit is not None:
         result.audit_before = audit(model)
     bnfreeze.freeze(base)
+    if audit is not None:
+        compile_for_demo(model)  # as a user would after freezing
+        result.audit_after = audit(model)
     row("after bnfreeze.freeze(base)")
     base.trainable = True
     row("after bnfreeze.freeze(base), then base.trainable = True")
-    if audit is not None:
-        result.audit_after = audit(model)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -297,9 +303,16 @@ def run(*, quick: bool = False, with_audit: bool = True) -> DemoResult:
 
 
 def render(result: DemoResult) -> str:
-    """The human-readable table (plain text, no colour)."""
-    lines = [
-        f"bnfreeze demo: {result.model}, {result.flavour}, one {result.image_size}x"
+    """The human-readable report (plain text, no colour): audits first, the table last."""
+    lines: list[str] = []
+    for title, report in (
+        ("audit of the guide pattern, base unfrozen (bnfreeze.audit)", result.audit_before),
+        ("audit after bnfreeze.freeze(base)", result.audit_after),
+    ):
+        if report is not None:
+            lines += [f"== {title}", str(report).rstrip("\n"), ""]
+    lines += [
+        f"== bnfreeze demo: {result.model}, {result.flavour}, one {result.image_size}x"
         f"{result.image_size} image",
         f"  {result.batch_norm_layers} BatchNormalization layers calibrated on generated "
         f"images; head trained {result.head_training_steps} steps with the base frozen.",
@@ -316,11 +329,5 @@ def render(result: DemoResult) -> str:
             f"{r.case:<{width}}  {r.fit_loss:>9.4f}  {r.evaluate_loss:>13.4f}  "
             f"{'yes' if r.match else 'NO':<6}  {r.bn_statistics_in_fit}"
         )
-    for title, report in (
-        ("audit before bnfreeze.freeze", result.audit_before),
-        ("audit after bnfreeze.freeze", result.audit_after),
-    ):
-        if report is not None:
-            lines += ["", f"{title}:", str(report)]
     lines += ["", f"({result.seconds:.1f} s)"]
     return "\n".join(lines)

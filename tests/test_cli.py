@@ -152,6 +152,14 @@ def test_demo_json_audit_present_iff_audit_exists(demo_json):
     """The demo shows the audit before and after freeze exactly when bnfreeze.audit exists."""
     assert (demo_json["audit_before"] is not None) is HAS_AUDIT
     assert (demo_json["audit_after"] is not None) is HAS_AUDIT
+    if HAS_AUDIT:
+        # The audit agrees with the measured losses: a finding before freeze wherever
+        # fit used batch statistics, none after freeze (the model recompiled).
+        unfrozen = demo_json["rows"][1]
+        if unfrozen["bn_statistics_in_fit"] == "batch":
+            assert demo_json["audit_before"]["findings"]
+        assert demo_json["audit_after"]["findings"] == []
+        assert len(demo_json["audit_after"]["rows"]) == demo_json["batch_norm_layers"]
 
 
 def test_demo_human_table(capsys, demo_json):
