@@ -373,6 +373,7 @@ class _Seen:
     batch_statistics: bool = False
     assigned: set[str] = field(default_factory=set)  # names of captured resources assigned
     input_shape: tuple[Any, ...] | None = None
+    shortcut: bool = False  # built-in Keras 3 BN: its call body was not traced (see _Tracer)
 
 
 def _received(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -516,6 +517,13 @@ class _Tracer:
                 seen.batch_statistics = MODES[mode].batch_statistics and bool(seen.training)
             else:
                 seen.batch_statistics = bn_uses_batch_statistics(layer, seen.training)
+        if self._shortcut(layer):
+            # Keras 3's BatchNormalization.call decides ``training and self.trainable`` (a
+            # pinned one: its mode) before anything else, and its batch branch always
+            # assigns both moving statistics; tracing its body adds nothing to observe but
+            # is half the cost of a trace. Stand in with a same-shaped tensor.
+            seen.shortcut = True
+            return tf.cast(args[0], layer.compute_dtype)
         graph = tf.compat.v1.get_default_graph()
         start = graph.version
         out = original(*args, **kwargs)
@@ -524,6 +532,19 @@ class _Tracer:
                 if op.type in _ASSIGN_OPS and op.inputs:
                     seen.assigned.add(op.inputs[0].name)
         return out
+
+    @staticmethod
+    def _shortcut(layer: Any) -> bool:
+        if IS_TF_KERAS or not is_batch_norm(layer):
+            return False
+        base = original_class(layer)
+        builtin = keras.layers.BatchNormalization
+        return (
+            base.call is builtin.call
+            and base._moments is builtin._moments
+            and not getattr(layer, "renorm", False)
+            and not getattr(layer, "synchronized", False)
+        )
 
     def _trace(self, spec: Any, training: bool) -> tuple[dict[int, _Seen], Any]:
         import tensorflow as tf
@@ -603,7 +624,10 @@ def _behaviour(
     state_names: set[str],
     trains: bool,
 ) -> Behaviour:
-    updates = bool(seen is not None and seen.assigned & state_names)
+    if seen is not None and seen.shortcut:
+        updates = seen.batch_statistics
+    else:
+        updates = bool(seen is not None and seen.assigned & state_names)
     phase = _phase_of(layer, seen)
     if is_batch_norm(layer) and updates:
         phase = "training"
@@ -1119,16 +1143,16 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
         >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
         ...                          keras.layers.BatchNormalization(name="bn")], name="base")
         >>> h = base(inputs, training=False)  # the transfer-learning guide's pattern
-        >>> outputs = keras.layers.Dropout(0.5, name="drop")(h)
+        >>> outputs = keras.layers.Dense(1, name="head")(h)
         >>> model = keras.Model(inputs, outputs)
         >>> report = bnfreeze.audit(model)
         >>> report.row("base/bn").fit.phase  # keras 3.15 ignores training=False here
         'training'
-        >>> [f.code for f in report.findings]
-        ['graph-training-ignored']
+        >>> [(f.code, f.path) for f in report.findings]
+        [('graph-training-ignored', 'base')]
         >>> report = bnfreeze.audit(bnfreeze.freeze(model, "base"))
-        >>> report.row("base/bn").fit.phase, report.row("drop").fit.phase, report.findings
-        ('inference', 'training', [])
+        >>> print(report.row("base/bn").fit, report.findings)
+        inference []
     """
     check_model(model, function="audit")
     _check_batch_size(batch_size)
@@ -1261,29 +1285,61 @@ def _np(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _rms(values: list[np.ndarray]) -> float:
-    flat = [np.asarray(v, dtype="float64").ravel() for v in values]
-    total = np.concatenate(flat) if flat else np.zeros(1)
-    return float(np.sqrt(np.mean(np.square(total)))) if total.size else 0.0
-
-
-def _as_arrays(structure: Any) -> list[np.ndarray]:
+def _tensors(structure: Any) -> list[Any]:
     import tensorflow as tf
 
-    out = []
-    for t in tf.nest.flatten(structure):
-        if t is None or not hasattr(t, "shape"):
+    return [
+        tf.cast(t, "float32")
+        for t in tf.nest.flatten(structure)
+        if t is not None and hasattr(t, "shape") and hasattr(t, "dtype")
+    ]
+
+
+def _sum_of_squares(tensors: list[Any]) -> Any:
+    import tensorflow as tf
+
+    sums = [tf.reduce_sum(tf.square(t)) for t in tensors]
+    return sums[0] if len(sums) == 1 else tf.add_n(sums)
+
+
+def _divergence_terms(a: Any, b: Any, scale: Any) -> Any:
+    """``(sum (a-b)^2, size, sum scale^2, size)``, tensors not yet read (``None``: shapes
+    differ)."""
+    ta, tb, ts = _tensors(a), _tensors(b), _tensors(scale)
+    if not ta or len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
+        return None
+    diff = _sum_of_squares([x - y for x, y in zip(ta, tb)])
+    ref = _sum_of_squares(ts) if ts else None
+    count = float(sum(int(np.prod(t.shape)) for t in ta))
+    ref_count = float(sum(int(np.prod(t.shape)) for t in ts))
+    return diff, count, ref, ref_count
+
+
+def _resolve(terms: list[Any]) -> list[float]:
+    """RMS(a - b) / RMS(scale) for every entry, with one device-to-host copy.
+
+    ``None`` terms (the layer behaves the same in both phases) give 0.0.
+    """
+    import tensorflow as tf
+
+    tensors = []
+    for term in terms:
+        if term is not None:
+            tensors.append(term[0])
+            tensors.append(term[2] if term[2] is not None else tf.constant(0.0))
+    table = _np(tf.stack(tensors)).astype("float64") if tensors else np.zeros(0)
+    values, row = [], 0
+    for term in terms:
+        if term is None:
+            values.append(0.0)
             continue
-        out.append(_np(t))
-    return out
-
-
-def _relative(a: list[np.ndarray], b: list[np.ndarray], scale: list[np.ndarray]) -> float:
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return float("nan")
-    diff = _rms([x.astype("float64") - y.astype("float64") for x, y in zip(a, b)])
-    reference = _rms(scale)
-    return diff / reference if reference > 0 else diff
+        diff, ref = table[row], table[row + 1]
+        row += 2
+        count, ref_count = term[1], term[3]
+        rms = math.sqrt(diff / count) if count else 0.0
+        ref_rms = math.sqrt(ref / ref_count) if ref_count else 0.0
+        values.append(rms / ref_rms if ref_rms > 0 else rms)
+    return values
 
 
 def _loss_value(
@@ -1379,7 +1435,7 @@ def compare_phases(
         y = tf.nest.map_structure(tf.convert_to_tensor, list(y) if isinstance(y, tuple) else y)
     nodes = walk(model)
     rows = [n for n in nodes if depends_on_phase(n.layer)]
-    variables = state_variables(model)
+    variables = [v for v in state_variables(model) if not v.trainable]
     saved = [_np(v).copy() for v in variables]
     fit_seen: dict[int, Any] = {}
     eval_seen: dict[int, tuple[Any, Any, inspect.Signature, tuple[Any, ...], dict[str, Any], Any]] = {}
@@ -1399,44 +1455,56 @@ def compare_phases(
         return out
 
     watched = [n.layer for n in rows]
+    pending: list[tuple[Node, Phase, Phase, Any]] = []
     try:
+        # evaluate first: it normally changes nothing, so fit then starts from the same
+        # state without a restore in between (only a layer in its training behaviour
+        # under evaluate, e.g. hard-coded training=True, can change state).
+        with _Wrapped(watched, record_eval):
+            eval_out = trainer_forward(model, x, training=False)
+            eval_loss = (
+                _loss_value(model, x, y, eval_out, loss, training=False) if y is not None else None
+            )
+        eval_phases = {
+            key: _phase_eager(layer, value[0])
+            for layer in watched
+            if (key := id(layer)) in eval_seen
+            for value in [eval_seen[key]]
+        }
+        if any(phase == "training" for phase in eval_phases.values()):
+            _assign_all(variables, saved)
         with fit_trainable_state(model):
             with _Wrapped(watched, record_fit):
                 fit_out = trainer_forward(model, x, training=True)
                 fit_loss = (
                     _loss_value(model, x, y, fit_out, loss, training=True) if y is not None else None
                 )
-        _assign_all(variables, saved)  # evaluate must see the statistics fit started from
-        with _Wrapped(watched, record_eval):
-            eval_out = trainer_forward(model, x, training=False)
-            eval_loss = (
-                _loss_value(model, x, y, eval_out, loss, training=False) if y is not None else None
-            )
-        entries = []
-        for node in rows:
-            layer = node.layer
-            fit_training, fit_phase = fit_seen.get(id(layer), (None, None))
-            if fit_phase is None or id(layer) not in eval_seen:
-                continue
-            eval_training, original, sig, args, kwargs, out = eval_seen[id(layer)]
-            eval_phase = _phase_eager(layer, eval_training)
-            divergence = 0.0
-            if fit_phase != eval_phase:
+            for node in rows:
+                layer = node.layer
+                fit_training, fit_phase = fit_seen.get(id(layer), (None, None))
+                if fit_phase is None or id(layer) not in eval_seen:
+                    continue
+                eval_phase = eval_phases[id(layer)]
+                if fit_phase == eval_phase:
+                    pending.append((node, fit_phase, eval_phase, None))
+                    continue
+                _eval_training, original, sig, args, kwargs, out = eval_seen[id(layer)]
                 bound = sig.bind_partial(*args, **kwargs)
                 bound.arguments["training"] = fit_training
-                with fit_trainable_state(model):
-                    other = original(*bound.args, **bound.kwargs)
-                divergence = _relative(_as_arrays(other), _as_arrays(out), _as_arrays(args[:1]))
-            entries.append(
-                LayerDivergence(node.path, _class_name(layer), divergence, fit_phase, eval_phase)
-            )
+                other = original(*bound.args, **bound.kwargs)
+                pending.append((node, fit_phase, eval_phase, _divergence_terms(other, out, args[:1])))
+        divergence = _divergence_terms(fit_out, eval_out, eval_out)
+        values = _resolve([divergence, *(p[3] for p in pending)])
     finally:
         _assign_all(variables, saved)
-    entries.sort(key=lambda e: (-(e.divergence if not math.isnan(e.divergence) else -1.0)))
-    eval_arrays = _as_arrays(eval_out)
+    entries = [
+        LayerDivergence(node.path, _class_name(node.layer), value, fit_phase, eval_phase)
+        for (node, fit_phase, eval_phase, _terms), value in zip(pending, values[1:])
+    ]
+    entries.sort(key=lambda e: -(e.divergence if not math.isnan(e.divergence) else -1.0))
     result_loss = (
-        {"training": fit_loss, "inference": eval_loss} if fit_loss is not None and eval_loss is not None else None
+        {"training": fit_loss, "inference": eval_loss}
+        if fit_loss is not None and eval_loss is not None
+        else None
     )
-    return PhaseComparison(
-        result_loss, _relative(_as_arrays(fit_out), eval_arrays, eval_arrays), entries
-    )
+    return PhaseComparison(result_loss, values[0], entries)
