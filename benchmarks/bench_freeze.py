@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size", type=int, default=224, help="image size (default 224)")
     parser.add_argument("--batch", type=int, default=8, help="fit-step batch size (default 8)")
-    parser.add_argument("--reps", type=int, default=9, help="repetitions per side (default 9)")
+    parser.add_argument("--reps", type=int, default=15, help="repetitions per side (default 15)")
     parser.add_argument(
         "--only",
         choices=["fit", "freeze", "memory"],

@@ -84,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--compile",
         action="store_true",
-        help="also restore the saved compile() state (off by default: the audit needs none)",
+        help=(
+            "also restore the saved compile() state, so that findings about it are "
+            "checked (off by default: loading it may need the custom losses and metrics)"
+        ),
     )
     return parser
 
