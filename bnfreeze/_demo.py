@@ -100,7 +100,7 @@ def smooth_images(n: int, size: int, seed: int) -> np.ndarray:
         rows[:, :, low] * (1 - frac)[None, None, :, None]
         + rows[:, :, low + 1] * frac[None, None, :, None]
     )
-    return images.astype("float32")
+    return np.asarray(images, dtype="float32")
 
 
 # --- models -------------------------------------------------------------------------
