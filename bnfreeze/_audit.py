@@ -126,7 +126,10 @@ class Behaviour:
     training: bool | None = None
 
     def __str__(self) -> str:
-        flags = [" +stats" if self.updates_state else "", " +weights" if self.trains_weights else ""]
+        flags = [
+            " +stats" if self.updates_state else "",
+            " +weights" if self.trains_weights else "",
+        ]
         return self.phase + "".join(flags)
 
     def to_dict(self) -> dict[str, Any]:
@@ -325,7 +328,9 @@ class AuditReport:
             widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
             lines.append("")
             for row in table:
-                lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+                lines.append(
+                    "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+                )
             lines.append(
                 "(training/inference: which behaviour the layer shows; +stats: moving "
                 "statistics updated; +weights: weights trained)"
@@ -444,10 +449,7 @@ class _Wrapped:
         while self._saved:
             layer, had = self._saved.pop()
             if had is _UNSET:
-                try:
-                    del layer.__dict__["call"]
-                except KeyError:  # pragma: no cover - defensive
-                    pass
+                layer.__dict__.pop("call", None)
             else:
                 object.__setattr__(layer, "call", had)
 
@@ -502,9 +504,7 @@ class _Tracer:
             seen.order = self.counter
             self.counter += 1
             seen.training = (
-                _received(signature, args, kwargs)
-                if "training" in signature.parameters
-                else _UNSET
+                _received(signature, args, kwargs) if "training" in signature.parameters else _UNSET
             )
         is_row = id(layer) in self.row_ids
         if not (first and is_row):
@@ -663,7 +663,7 @@ def _is_inert(layer: Any) -> bool:
 
 
 def _class_name(layer: Any) -> str:
-    return original_class(layer).__name__
+    return str(original_class(layer).__name__)
 
 
 class _Context:
@@ -919,9 +919,13 @@ def _compile_findings(ctx: _Context) -> list[Finding]:
 
     parts = []
     if stale:
-        parts.append(f"{len(stale)} variable(s) now frozen are still trained by fit ({names(stale)})")
+        parts.append(
+            f"{len(stale)} variable(s) now frozen are still trained by fit ({names(stale)})"
+        )
     if fresh:
-        parts.append(f"{len(fresh)} variable(s) now trainable are not trained by fit ({names(fresh)})")
+        parts.append(
+            f"{len(fresh)} variable(s) now trainable are not trained by fit ({names(fresh)})"
+        )
     why = (
         "tf-keras's fit restores the trainable flags recorded at compile()"
         if IS_TF_KERAS
@@ -1306,9 +1310,13 @@ def _divergence_terms(a: Any, b: Any, scale: Any) -> Any:
     """``(sum (a-b)^2, size, sum scale^2, size)``, tensors not yet read (``None``: shapes
     differ)."""
     ta, tb, ts = _tensors(a), _tensors(b), _tensors(scale)
-    if not ta or len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
+    if (
+        not ta
+        or len(ta) != len(tb)
+        or any(x.shape != y.shape for x, y in zip(ta, tb, strict=False))
+    ):
         return None
-    diff = _sum_of_squares([x - y for x, y in zip(ta, tb)])
+    diff = _sum_of_squares([x - y for x, y in zip(ta, tb, strict=False)])
     ref = _sum_of_squares(ts) if ts else None
     count = float(sum(int(np.prod(t.shape)) for t in ta))
     ref_count = float(sum(int(np.prod(t.shape)) for t in ts))
@@ -1342,9 +1350,7 @@ def _resolve(terms: list[Any]) -> list[float]:
     return values
 
 
-def _loss_value(
-    model: Any, x: Any, y: Any, y_pred: Any, loss: Any, *, training: bool
-) -> float:
+def _loss_value(model: Any, x: Any, y: Any, y_pred: Any, loss: Any, *, training: bool) -> float:
     import tensorflow as tf
 
     if loss is None:
@@ -1352,14 +1358,16 @@ def _loss_value(
     else:
         fn = keras.losses.get(loss) if isinstance(loss, str) else loss
         ys, preds = tf.nest.flatten(y), tf.nest.flatten(y_pred)
-        terms = [tf.reduce_mean(tf.cast(fn(t, p), "float32")) for t, p in zip(ys, preds)]
+        terms = [
+            tf.reduce_mean(tf.cast(fn(t, p), "float32")) for t, p in zip(ys, preds, strict=False)
+        ]
         terms += [tf.reduce_sum(tf.cast(v, "float32")) for v in model.losses]
         value = tf.add_n(terms)
     return float(_np(value))
 
 
 def _assign_all(variables: list[Any], values: list[np.ndarray]) -> None:
-    for v, value in zip(variables, values):
+    for v, value in zip(variables, values, strict=False):
         v.assign(value)
 
 
@@ -1374,9 +1382,7 @@ def _phase_eager(layer: Any, training: Any) -> Phase:
     return "training" if training is True else "inference"
 
 
-def compare_phases(
-    model: Any, x: Any, y: Any = None, *, loss: Any = None
-) -> PhaseComparison:
+def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> PhaseComparison:
     """Run one batch the way ``fit`` would and the way ``evaluate`` would, and explain
     the difference -- "why does fit say 5.3 when evaluate says 0.3?".
 
@@ -1438,13 +1444,18 @@ def compare_phases(
     variables = [v for v in state_variables(model) if not v.trainable]
     saved = [_np(v).copy() for v in variables]
     fit_seen: dict[int, Any] = {}
-    eval_seen: dict[int, tuple[Any, Any, inspect.Signature, tuple[Any, ...], dict[str, Any], Any]] = {}
+    eval_seen: dict[
+        int, tuple[Any, Any, inspect.Signature, tuple[Any, ...], dict[str, Any], Any]
+    ] = {}
 
     def record_fit(layer: Any, original: Any, sig: Any, args: Any, kwargs: Any) -> Any:
         if id(layer) not in fit_seen:
             fit_seen[id(layer)] = (_received(sig, args, kwargs), None)
             out = original(*args, **kwargs)
-            fit_seen[id(layer)] = (fit_seen[id(layer)][0], _phase_eager(layer, fit_seen[id(layer)][0]))
+            fit_seen[id(layer)] = (
+                fit_seen[id(layer)][0],
+                _phase_eager(layer, fit_seen[id(layer)][0]),
+            )
             return out
         return original(*args, **kwargs)
 
@@ -1477,7 +1488,9 @@ def compare_phases(
             with _Wrapped(watched, record_fit):
                 fit_out = trainer_forward(model, x, training=True)
                 fit_loss = (
-                    _loss_value(model, x, y, fit_out, loss, training=True) if y is not None else None
+                    _loss_value(model, x, y, fit_out, loss, training=True)
+                    if y is not None
+                    else None
                 )
             for node in rows:
                 layer = node.layer
@@ -1492,14 +1505,16 @@ def compare_phases(
                 bound = sig.bind_partial(*args, **kwargs)
                 bound.arguments["training"] = fit_training
                 other = original(*bound.args, **bound.kwargs)
-                pending.append((node, fit_phase, eval_phase, _divergence_terms(other, out, args[:1])))
+                pending.append(
+                    (node, fit_phase, eval_phase, _divergence_terms(other, out, args[:1]))
+                )
         divergence = _divergence_terms(fit_out, eval_out, eval_out)
         values = _resolve([divergence, *(p[3] for p in pending)])
     finally:
         _assign_all(variables, saved)
     entries = [
         LayerDivergence(node.path, _class_name(node.layer), value, fit_phase, eval_phase)
-        for (node, fit_phase, eval_phase, _terms), value in zip(pending, values[1:])
+        for (node, fit_phase, eval_phase, _terms), value in zip(pending, values[1:], strict=False)
     ]
     entries.sort(key=lambda e: -(e.divergence if not math.isnan(e.divergence) else -1.0))
     result_loss = (

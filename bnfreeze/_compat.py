@@ -286,6 +286,8 @@ def state_variables(model: Any) -> list[Any]:
     The model's variables (Keras 3 includes its layers' seed-generator states), its
     metrics' variables and Keras 3's global seed generator.
     """
+    import contextlib
+
     found: list[Any] = []
     seen: set[int] = set()
 
@@ -303,10 +305,8 @@ def state_variables(model: Any) -> list[Any]:
         for metric in getattr(compiled_loss, "metrics", []) or []:
             add(metric.variables)
     else:
-        try:
+        with contextlib.suppress(Exception):  # metrics not built yet
             add(model.metrics_variables)
-        except Exception:  # pragma: no cover - metrics not built
-            pass
         from keras.src.backend.common import global_state
 
         generator = global_state.get_global_attribute("global_seed_generator")
@@ -402,7 +402,9 @@ def bn_uses_batch_statistics(layer: Any, training: Any) -> bool:
     """
     if IS_TF_KERAS:
         value = layer._get_training_value(training)
-        return value is True or (isinstance(value, int) and not isinstance(value, bool) and bool(value))
+        if isinstance(value, bool):
+            return value
+        return isinstance(value, int) and bool(value)
     return bool(training) and bool(layer.trainable)
 
 

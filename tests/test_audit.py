@@ -258,8 +258,9 @@ def test_hard_coded_training_true_in_evaluate_matches_real_evaluate() -> None:
     compile_sgd(model, lr=0.0)
     saved = snapshot(model)
     loss = model.evaluate(x, y, batch_size=8, verbose=0)
-    updated = not np.allclose(saved[[k for k in saved if "moving_mean" in k][0]],
-                              to_numpy(bn.moving_mean))
+    updated = not np.allclose(
+        saved[next(k for k in saved if "moving_mean" in k)], to_numpy(bn.moving_mean)
+    )
     _restore(model, saved)
     reference = _mse(y, head(drop(bn(dense(x), training=updated), training=False)))
     _restore(model, saved)
@@ -392,7 +393,9 @@ def test_recorded_signature_default_is_the_cross_version_hazard() -> None:
     assert [v for _n, v in recorded_training(drop)] == [False]
     report = bnfreeze.audit(model)
     finding = [f for f in report.findings if f.code == "pinned-signature-default"]
-    assert [(f.path, f.severity) for f in finding] == [("drop", "error") if K316 else ("", "warning")]
+    assert [(f.path, f.severity) for f in finding] == [
+        ("drop", "error") if K316 else ("", "warning")
+    ]
     fires = report.row("drop").fit.phase == "training"
     assert fires is K315
     # A real fit step agrees: with lr=0 the loss equals the no-dropout loss iff it did not fire.
@@ -433,7 +436,7 @@ def test_rows_cover_builtin_and_custom_phase_dependent_layers() -> None:
     assert report.row("bn").bn_mode is None and report.row("custom").class_name == "Noisy"
     # The spectral norm's power-iteration vector really changes in one fit step.
     sn = report.row("sn").layer
-    state = [v for v in sn.non_trainable_weights][0]
+    state = next(iter(sn.non_trainable_weights))
     before = to_numpy(state).copy()
     compile_sgd(model, lr=0.0)
     model.fit(data((4, 6), 4), data((2,), 4), verbose=0)
@@ -452,7 +455,7 @@ def test_audit_changes_nothing() -> None:
     before = [to_numpy(v).copy() for v in [*model.variables, *model.optimizer.variables]]
     bnfreeze.audit(model)
     after = [to_numpy(v) for v in [*model.variables, *model.optimizer.variables]]
-    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     assert model.train_function is train_function
     assert "call" not in vars(model.layers[1])  # the wrappers are gone
 
@@ -500,7 +503,10 @@ def test_errors_name_what_was_received() -> None:
     model = BUILDERS["functional"]()
     with pytest.raises(bnfreeze.BNFreezeError) as info:
         bnfreeze.audit(model, batch_size=0)
-    assert str(info.value) == "Expected `batch_size` to be a positive int or None. Received: batch_size=0."
+    assert (
+        str(info.value)
+        == "Expected `batch_size` to be a positive int or None. Received: batch_size=0."
+    )
     with pytest.raises(bnfreeze.SelectionError) as missing:
         bnfreeze.audit(model).row("nope")
     assert str(missing.value) == (
@@ -537,8 +543,8 @@ def test_compare_phases_ranks_the_bn_with_far_statistics_first_and_changes_nothi
     before = [to_numpy(v).copy() for v in [*model.variables, *model.optimizer.variables]]
     result = bnfreeze.compare_phases(model, x, y)
     after = [to_numpy(v) for v in [*model.variables, *model.optimizer.variables]]
-    assert all(np.array_equal(a, b) for a, b in zip(before, after))
-    assert [e.path for e in result.layers][0] == "bn_far"
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert result.layers[0].path == "bn_far"
     assert {e.path for e in result.layers} == {"bn_near", "drop", "bn_far"}
     assert result.layers[0].divergence > 5 * result.layers[1].divergence
     assert result.divergence > 0
