@@ -69,10 +69,10 @@ def recalibrate(
       normalises with its own, already recalibrated, statistics. BN layers that do not
       feed one another are collected in the same pass, so this costs one pass per
       *level* of BN dependency: ``1 + D`` passes, ``D`` being the longest chain of
-      selected BN layers each feeding the next (2 passes for two parallel branches of
-      one BN each, 1 + 52 for ResNet50's 53). Each pass stops at its deepest collected
-      layer. ``data`` must give the same batches on every pass (a Python generator,
-      which can be read only once, is refused).
+      selected BN layers each feeding the next (1 pass for BN layers in parallel
+      branches, 2 for a chain of two, 49 for ResNet50's 53). Each pass stops at its
+      deepest collected layer. ``data`` must give the same batches on every pass (a
+      Python generator, which can be read only once, is refused).
 
     Everything else runs as in ``predict``: Dropout and other ``training``-dependent
     layers are off, and BN layers outside ``layers`` normalise with their moving
@@ -162,10 +162,7 @@ def recalibrate(
     strategy = _strategy_of(model)
     runner = _Runner(model, nodes, targets, strategy, upstream)
     with runner.swapped():
-        if upstream == "batch":
-            levels = [0] * len(targets)
-        else:
-            levels = runner.levels(first)
+        levels = [0] * len(targets) if upstream == "batch" else runner.levels(first)
         count = max(levels) + 1
         found: dict[int, _Moments] = {}
         for level in range(count):
@@ -173,7 +170,7 @@ def recalibrate(
             title = f"Pass {level + 1}/{count}" if count > 1 else None
             found.update(runner.run_pass(source, collect, found, verbose_level, title))
     results = _finalise(targets, found)
-    for node, (mean, variance) in zip(targets, results):
+    for node, (mean, variance) in zip(targets, results, strict=True):
         layer = node.layer
         _assign(layer.moving_mean, mean)
         _assign(layer.moving_variance, variance)
@@ -196,7 +193,9 @@ def _check_count(value: Any, name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int or None. Received: {name}={value!r}.")
+        raise ValueError(
+            f"Expected `{name}` to be a positive int or None. Received: {name}={value!r}."
+        )
     return int(value)
 
 
@@ -433,7 +432,12 @@ class _GeneratorSource(_Source):
 
 
 def _shape_text(shape: Any) -> str:
-    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+    return (
+        "("
+        + ", ".join("None" if d is None else str(d) for d in shape)
+        + ("," if len(shape) == 1 else "")
+        + ")"
+    )
 
 
 def _check_batch(model: Any, x: Any) -> None:
@@ -458,10 +462,16 @@ def _check_batch(model: Any, x: Any) -> None:
                 + " (datasets and generators may yield (x, y) pairs)."
             )
         return
-    for expected, leaf in zip(inputs, leaves):
+    for expected, leaf in zip(inputs, leaves, strict=True):
         want = tuple(expected.shape)
-        got = tuple(int(d) for d in np.shape(leaf)) if not isinstance(leaf, tf.Tensor) else tuple(leaf.shape)
-        ok = len(want) == len(got) and all(w is None or w == g for w, g in zip(want[1:], got[1:]))
+        got = (
+            tuple(int(d) for d in np.shape(leaf))
+            if not isinstance(leaf, tf.Tensor)
+            else tuple(leaf.shape)
+        )
+        ok = len(want) == len(got) and all(
+            w is None or w == g for w, g in zip(want[1:], got[1:], strict=True)
+        )
         if not ok:
             raise DataError(
                 f"Expected batches of `data` to match the model's input shape "
@@ -494,7 +504,9 @@ class _Moments:
         self.count = total
 
 
-def _finalise(targets: list[Node], found: dict[int, _Moments]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _finalise(
+    targets: list[Node], found: dict[int, _Moments]
+) -> list[tuple[np.ndarray, np.ndarray]]:
     results = []
     for index, node in enumerate(targets):
         moments = found.get(index)
@@ -582,6 +594,8 @@ def _bn_call(plan: _Plan, layer: Any, inputs: Any, mask: Any) -> Any:
             "The mask provided should be one dimension less than the inputs. Received: "
             f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
         )
+    if role.kind == "collect" and _fusable(inputs, mask, axes):
+        return _fused_collect(plan, role, layer, inputs)
     if role.kind == "collect":
         count, mean64, m2 = _moments64(inputs, mask, reduce_axes, broadcast)
         plan.local.collected.setdefault(role.index, []).append((count, mean64, m2))
@@ -609,6 +623,92 @@ def _bn_call(plan: _Plan, layer: Any, inputs: Any, mask: Any) -> Any:
         outputs = tf.identity(outputs, name="bnfreeze_probe")
         plan.local.probes.append((role.index, inputs, outputs))
     return tf.cast(outputs, layer.compute_dtype)
+
+
+def _fusable(inputs: tf.Tensor, mask: Any, axes: list[int]) -> bool:
+    """Channels-last, unmasked, float32/16 inputs: TensorFlow's fused kernel applies."""
+    rank = inputs.shape.rank
+    return (
+        mask is None
+        and axes == [rank - 1]
+        and inputs.shape[-1] is not None
+        and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16)
+    )
+
+
+def _affine(layer: Any, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
+    gamma = getattr(layer, "gamma", None) if getattr(layer, "scale", False) else None
+    beta = getattr(layer, "beta", None) if getattr(layer, "center", False) else None
+    scale = tf.cast(_read(gamma), tf.float32) if gamma is not None else tf.ones([channels])
+    offset = tf.cast(_read(beta), tf.float32) if beta is not None else tf.zeros([channels])
+    return scale, offset
+
+
+def _fused_collect(plan: _Plan, role: _Role, layer: Any, inputs: tf.Tensor) -> tf.Tensor:
+    """Collect with TensorFlow's fused batch-norm kernel (one pass, as Keras's BN in fit).
+
+    The kernel gives this replica's batch mean and (Bessel-corrected) variance in float32,
+    computed the way Keras's own BatchNormalization computes batch statistics; they are
+    turned into (count, mean, centred sum of squares) in float64 and merged across
+    replicas with Chan's formula.
+    """
+    channels = int(inputs.shape[-1])
+    flat = tf.reshape(inputs, [-1, 1, 1, channels])
+    scale, offset = _affine(layer, channels)
+    epsilon = float(layer.epsilon)
+    size = tf.shape(flat, out_type=tf.int64)[0]
+    n = tf.cast(size, tf.float64)
+
+    def fused() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=flat,
+            scale=scale,
+            offset=offset,
+            mean=tf.zeros([0]),
+            variance=tf.zeros([0]),
+            epsilon=epsilon,
+            data_format="NHWC",
+            is_training=True,
+        )
+        return y, mean, variance
+
+    distributed = _replicas() > 1
+    if distributed:  # a replica's share of a small batch may be empty
+        y, mean32, variance32 = tf.cond(
+            size > 0,
+            fused,
+            lambda: (tf.zeros_like(flat), tf.zeros([channels]), tf.zeros([channels])),
+        )
+    else:
+        y, mean32, variance32 = fused()
+    mean = tf.cast(mean32, tf.float64)
+    m2 = tf.cast(variance32, tf.float64) * tf.maximum(n - 1.0, 0.0)  # undo Bessel
+    count = tf.ones_like(mean) * n
+    if distributed:
+        count_g, sums = _all_reduce([count, count * mean])
+        mean_g = tf.math.divide_no_nan(sums, count_g)
+        (m2_g,) = _all_reduce([m2 + count * tf.square(mean - mean_g)])
+        count, mean, m2 = count_g, mean_g, m2_g
+    plan.local.collected.setdefault(role.index, []).append((count, mean, m2))
+    if distributed and plan.upstream == "batch":
+        y, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=flat,
+            scale=scale,
+            offset=offset,
+            mean=tf.cast(mean, tf.float32),
+            variance=tf.cast(tf.math.divide_no_nan(m2, count), tf.float32),
+            epsilon=epsilon,
+            data_format="NHWC",
+            is_training=False,
+        )
+    # With upstream="recalibrated" this layer's output feeds only layers of later levels,
+    # which are not collected in this pass: any normalisation will do.
+    return tf.cast(tf.reshape(y, tf.shape(inputs)), layer.compute_dtype)
+
+
+def _replicas() -> int:
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else int(context.num_replicas_in_sync)
 
 
 def _moments64(
@@ -669,7 +769,11 @@ class _Runner:
             and (id(n.layer) in target_ids or not _overrides_call(n.layer))
         ]
         self.index = {id(n.layer): i for i, n in enumerate(targets)}
-        tracked = {id(v) for layer in self.swapped_layers for v in (layer.moving_mean, layer.moving_variance)}
+        tracked = {
+            id(v)
+            for layer in self.swapped_layers
+            for v in (layer.moving_mean, layer.moving_variance)
+        }
         self.guarded = [v for v in _state_variables(model) if id(v) not in tracked]
 
     # -- set-up and restoration
@@ -694,7 +798,7 @@ class _Runner:
         def __exit__(self, *exc: Any) -> None:
             for layer, cls in reversed(self.saved):
                 layer.__class__ = cls
-            for variable, value in zip(self.runner.guarded, self.values):
+            for variable, value in zip(self.runner.guarded, self.values, strict=True):
                 if not np.array_equal(np.array(_read(variable)), value, equal_nan=True):
                     variable.assign(value)
 

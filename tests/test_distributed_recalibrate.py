@@ -1,4 +1,4 @@
-"""recalibrate, freeze and audit under tf.distribute: MirroredStrategy and MultiWorkerMirroredStrategy.
+"""recalibrate, freeze and audit under tf.distribute (MirroredStrategy, MultiWorkerMirrored).
 
 MirroredStrategy runs on the two logical CPU devices of ``conftest.py``; the
 MultiWorkerMirroredStrategy test starts two worker processes on 127.0.0.1 and stops them.
@@ -58,9 +58,13 @@ def single_device_reference(weights: list[np.ndarray], x: np.ndarray, upstream: 
     model = h.two_bn_conv()
     model.set_weights(weights)
     bnfreeze.recalibrate(model, x, batch_size=16, upstream=upstream, verbose=0)
-    return {n: [h.to_numpy(v) for v in (model.get_layer(n).moving_mean,
-                                         model.get_layer(n).moving_variance)]
-            for n in ("bn1", "bn2")}
+    return {
+        n: [
+            h.to_numpy(v)
+            for v in (model.get_layer(n).moving_mean, model.get_layer(n).moving_variance)
+        ]
+        for n in ("bn1", "bn2")
+    }
 
 
 @pytest.mark.parametrize("upstream", ["batch", "recalibrated"])
@@ -78,17 +82,39 @@ def test_mirrored_equals_single_device(upstream: str) -> None:
     want = single_device_reference(weights, x, upstream)
     for name in ("bn1", "bn2"):
         bn = model.get_layer(name)
-        for variable, ref in zip((bn.moving_mean, bn.moving_variance), want[name]):
+        for variable, ref in zip((bn.moving_mean, bn.moving_variance), want[name], strict=True):
             values = replica_values(variable, strategy)
             assert len(values) == 2
             np.testing.assert_array_equal(values[0], values[1])
             np.testing.assert_allclose(values[0], ref, rtol=1e-5, atol=1e-6)
     mean, var = moments(conv1, (0, 1, 2))
-    np.testing.assert_allclose(replica_values(model.get_layer("bn1").moving_mean, strategy)[0],
-                               mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        replica_values(model.get_layer("bn1").moving_mean, strategy)[0], mean, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(
         replica_values(model.get_layer("bn1").moving_variance, strategy)[1], var, rtol=1e-5
     )
+
+
+def test_mirrored_batches_smaller_than_replicas() -> None:
+    """Batches of 1 sample: one replica gets nothing; the statistics are still exact."""
+    x = x_data(5)
+    weights = h.two_bn_conv().get_weights()
+    strategy = mirrored()
+    with strategy.scope():
+        model = h.two_bn_conv()
+    model.set_weights(weights)
+    bnfreeze.recalibrate(model, x, batch_size=1, upstream="recalibrated", verbose=0)
+    conv1 = h.to_numpy(keras.Model(model.inputs[0], model.get_layer("bn1").input)(x))
+    mean, var = moments(conv1, (0, 1, 2))
+    bn1 = model.get_layer("bn1")
+    for variable, ref in zip((bn1.moving_mean, bn1.moving_variance), (mean, var), strict=True):
+        values = replica_values(variable, strategy)
+        np.testing.assert_array_equal(values[0], values[1])
+        np.testing.assert_allclose(values[0], ref, rtol=1e-5, atol=1e-6)
+    conv2 = h.to_numpy(keras.Model(model.inputs[0], model.get_layer("bn2").input)(x))
+    mean2 = replica_values(model.get_layer("bn2").moving_mean, strategy)[0]
+    np.testing.assert_allclose(mean2, conv2.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
 
 
 def test_mirrored_dataset_and_drifted_replicas() -> None:
@@ -103,8 +129,11 @@ def test_mirrored_dataset_and_drifted_replicas() -> None:
     bnfreeze.recalibrate(model, dataset, verbose=0)
     conv1 = h.to_numpy(keras.Model(model.inputs[0], model.get_layer("bn1").input)(x))
     mean, var = moments(conv1, (0, 1, 2))
-    for variable, ref in zip((model.get_layer("bn1").moving_mean,
-                              model.get_layer("bn1").moving_variance), (mean, var)):
+    for variable, ref in zip(
+        (model.get_layer("bn1").moving_mean, model.get_layer("bn1").moving_variance),
+        (mean, var),
+        strict=True,
+    ):
         values = replica_values(variable, strategy)
         np.testing.assert_array_equal(values[0], values[1])
         np.testing.assert_allclose(values[0], ref, rtol=1e-5, atol=1e-6)
@@ -121,8 +150,8 @@ def test_freeze_inside_strategy_scope() -> None:
     before = [replica_values(v, strategy) for v in model.get_layer("bn1").weights]
     model.fit(x_data(16), np.ones((16, 2), "float32"), batch_size=16, epochs=1, verbose=0)
     after = [replica_values(v, strategy) for v in model.get_layer("bn1").weights]
-    for old, new in zip(before, after):
-        for a, b in zip(old, new):
+    for old, new in zip(before, after, strict=True):
+        for a, b in zip(old, new, strict=True):
             np.testing.assert_array_equal(a, b)
     # bn2 is not frozen: its statistics moved.
     moved = replica_values(model.get_layer("bn2").moving_mean, strategy)[0]
@@ -175,8 +204,7 @@ def _check_adapt_synchronized() -> None:
     old_var = replica_values(bn.moving_variance, strategy)[0]
     kernel, bias = (h.to_numpy(w) for w in dense.weights)
     batch_mean, batch_var = moments(x @ kernel + bias, (0,))
-    model.fit(x, np.zeros((16, 2), "float32"), batch_size=16, epochs=1, verbose=0,
-              shuffle=False)
+    model.fit(x, np.zeros((16, 2), "float32"), batch_size=16, epochs=1, verbose=0, shuffle=False)
     means = replica_values(bn.moving_mean, strategy)
     variances = replica_values(bn.moving_variance, strategy)
     np.testing.assert_allclose(means[0], means[1], rtol=1e-6)
@@ -253,21 +281,31 @@ def test_multi_worker_equals_single_device(tmp_path: Path) -> None:
     try:
         for index in range(2):
             env = dict(os.environ)
-            env["TF_CONFIG"] = json.dumps({"cluster": cluster,
-                                           "task": {"type": "worker", "index": index}})
+            env["TF_CONFIG"] = json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            )
             env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
             env["TF_CPP_MIN_LOG_LEVEL"] = "3"
             env["CUDA_VISIBLE_DEVICES"] = ""
-            processes.append(subprocess.Popen(
-                [sys.executable, str(script), str(tmp_path / "in.npz"),
-                 str(tmp_path / f"out{index}.npz")],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
-            ))
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(script),
+                        str(tmp_path / "in.npz"),
+                        str(tmp_path / f"out{index}.npz"),
+                    ],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp_path,
+                )
+            )
         logs = []
         for process in processes:
             out, _ = process.communicate(timeout=120)
             logs.append(out.decode(errors="replace"))
-        for process, log in zip(processes, logs):
+        for process, log in zip(processes, logs, strict=True):
             assert process.returncode == 0, log[-3000:]
     finally:
         for process in processes:
@@ -280,7 +318,7 @@ def test_multi_worker_equals_single_device(tmp_path: Path) -> None:
         for result in (first, second):
             assert int(result["replicas"]) == 2
             for name in ("bn1", "bn2"):
-                for stat, ref in zip(("moving_mean", "moving_variance"), want[name]):
+                for stat, ref in zip(("moving_mean", "moving_variance"), want[name], strict=True):
                     for value in result[f"{upstream}/{name}/{stat}"]:
                         np.testing.assert_allclose(value, ref, rtol=1e-5, atol=1e-6)
         for key in ("bn1/moving_mean", "bn2/moving_variance"):
