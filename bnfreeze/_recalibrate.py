@@ -26,7 +26,7 @@ from bnfreeze._compat import IS_TF_KERAS, keras
 from bnfreeze._errors import DataError, SelectionError, UnsupportedLayerError
 from bnfreeze._freeze import _defines_beyond_keras, check_model
 from bnfreeze._select import Selector, select
-from bnfreeze._walk import Node, is_batch_norm, walk
+from bnfreeze._walk import Node, depends_on_phase, is_batch_norm, walk
 
 Upstream = Literal["batch", "recalibrated"]
 UPSTREAM_VALUES: tuple[str, ...] = ("batch", "recalibrated")
@@ -774,7 +774,7 @@ class _Runner:
             for layer in self.swapped_layers
             for v in (layer.moving_mean, layer.moving_variance)
         }
-        self.guarded = [v for v in _state_variables(model) if id(v) not in tracked]
+        self.guarded = [v for v in _state_variables(nodes) if id(v) not in tracked]
 
     # -- set-up and restoration
 
@@ -815,12 +815,27 @@ class _Runner:
         return {str(k): v for k, v in sorted(collected.items())}
 
     def _function(self, first: Any) -> Any:
+        """The step: traced once for batches shaped like ``first`` (any batch size)."""
         if not self.distributed:
             signature = tf.nest.map_structure(
                 lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype),
                 tf.nest.map_structure(tf.convert_to_tensor, first),
             )
-            return tf.function(self._replica_step, input_signature=(signature,))
+            traced = tf.function(self._replica_step, input_signature=(signature,))
+            relaxed: list[Any] = []
+
+            def call(x: Any) -> Any:
+                fits = all(
+                    spec.is_compatible_with(t)
+                    for spec, t in zip(tf.nest.flatten(signature), tf.nest.flatten(x), strict=True)
+                )
+                if fits:
+                    return traced(x)
+                if not relaxed:  # batches of varying shapes (e.g. padded per batch)
+                    relaxed.append(tf.function(self._replica_step, reduce_retracing=True))
+                return relaxed[0](x)
+
+            return call
 
         def step(x: Any) -> Any:
             return self.strategy.run(self._replica_step, args=(x,))
@@ -980,12 +995,22 @@ def _is_multi_worker(strategy: Any) -> bool:
     return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
 
 
-def _state_variables(model: Any) -> list[Any]:
-    """Non-trainable variables a forward pass could move (seed states, custom counters)."""
+def _state_variables(nodes: list[Node]) -> list[Any]:
+    """Non-trainable variables a forward pass could move: those of custom layers and of
+    Keras layers whose call takes ``training`` (seed states of Dropout, augmentation ...).
+    Built-in Keras layers that do not depend on the phase never write in ``call``, so
+    their (possibly large, frozen) weights are not copied."""
     found: list[Any] = []
     seen: set[int] = set()
-    for variable in list(model.non_trainable_variables):
-        if id(variable) not in seen:
-            seen.add(id(variable))
-            found.append(variable)
+    for node in nodes:
+        if node.is_container:
+            continue
+        layer = node.layer
+        module = _real_class(layer).__module__ or ""
+        if module.startswith(("keras.", "tf_keras.")) and not depends_on_phase(layer):
+            continue
+        for variable in layer.non_trainable_variables:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                found.append(variable)
     return found

@@ -370,6 +370,40 @@ def test_only_selected_statistics_change() -> None:
     assert bn1.momentum == 0.99
 
 
+def test_variable_length_batches() -> None:
+    """Batches whose sequence length varies (padded per batch): moments over all positions."""
+    inputs = keras.Input((None, 4))
+    hidden = L.Dense(3, name="dense")(inputs)
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(hidden))
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(2.0, 3.0, size=(5, t, 4)).astype("float32") for t in (7, 3, 9)]
+    recalibrate(model, iter(batches), verbose=0)
+    acts = np.concatenate([h.to_numpy(model.get_layer("dense")(b)).reshape(-1, 3) for b in batches])
+    assert_stats(model.get_layer("bn"), *moments(acts, (0,)))
+
+
+@pytest.mark.skipif(IS_TF_KERAS, reason="Keras 3 keeps Dropout's seed state in a variable")
+def test_seed_state_restored() -> None:
+    """A Dropout hard-coded to training=True fires in the pass; its seed state is restored."""
+
+    class Noisy(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = L.Dropout(0.5, name="drop")
+            self.bn = L.BatchNormalization(name="bn")
+
+        def call(self, x: Any, training: Any = None) -> Any:
+            return self.bn(self.drop(x, training=True), training=training)
+
+    model = Noisy()
+    model(np.zeros((2, 3), "float32"))
+    state = model.drop.seed_generator.state
+    before = h.to_numpy(state).copy()
+    recalibrate(model, x_data((3,), n=20), verbose=0)
+    np.testing.assert_array_equal(h.to_numpy(state), before)
+    assert not np.allclose(stats(model.bn)[1], 1.0)  # the pass did happen
+
+
 def test_error_mid_pass_changes_nothing() -> None:
     """Data that raises half-way: the error propagates and the model is bit-for-bit unchanged."""
     model = chain()
