@@ -836,7 +836,8 @@ def _leak_findings(ctx: _Context) -> list[Finding]:
                     "error",
                     node.path,
                     f"under {label}, {node.path!r} receives training={got} although "
-                    f"{label} passes training={passed} and nothing sets it for this layer: "
+                    f"{label} {'passes' if label == 'fit' else 'pass'} training={passed} and "
+                    "nothing sets it for this layer: "
                     f"the training={got} given to {source.path!r} (called before it) leaked "
                     f"through the shared call context in {flavour_label()}.",
                     f"Remove the explicit training= on {source.path!r} and pin that part with "

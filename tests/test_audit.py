@@ -407,6 +407,30 @@ def test_recorded_signature_default_is_the_cross_version_hazard() -> None:
     assert (not np.isclose(loss, _mse(y, model(x, training=False)), rtol=1e-4)) is fires
 
 
+def test_recorded_training_true_on_augmentation_matches_real_predict() -> None:
+    """RandomFlip recording training=True (a keras 3.15 file): predict column is measured.
+
+    keras 3.16 honours it and leaks it: the BatchNormalization after it runs in training
+    mode in predict and updates its moving statistics; keras 3.15 ignores it.
+    """
+    from bnfreeze._compat import set_recorded_training
+
+    inputs = keras.Input((8, 8, 3))
+    flip = L.RandomFlip("horizontal", name="flip")
+    h = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="conv")(flip(inputs)))
+    model = keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(h)))
+    set_recorded_training(flip._inbound_nodes[0], True)
+    report = bnfreeze.audit(model)
+    bn = model.get_layer("bn")
+    before = to_numpy(bn.moving_mean).copy()
+    model.predict(data((8, 8, 3), 4) + 3.0, verbose=0)
+    updated = not np.allclose(before, to_numpy(bn.moving_mean))
+    assert report.row("bn").predict.updates_state is updated
+    assert updated is (not IS_TF_KERAS and not K315)
+    leak = [(f.code, f.path) for f in report.findings if f.code == "training-leak"]
+    assert leak == ([("training-leak", "bn")] if updated else [])
+
+
 # --- rows --------------------------------------------------------------------------------
 
 
