@@ -100,6 +100,30 @@ def summary(times_a: list[float], times_b: list[float]) -> dict[str, Any]:
     }
 
 
+def traced_step_ops(model: Any, x: Any, y: Any) -> dict[str, int]:
+    """Operation types and counts of a traced forward+gradient step (fit's arithmetic)."""
+    import tensorflow as tf
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+
+    @tf.function
+    def step(x: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = step.get_concrete_function(x, y).graph
+    counts: dict[str, int] = {}
+    for op in graph.get_operations():
+        counts[op.type] = counts.get(op.type, 0) + 1
+    return counts
+
+
+def same_graph(model_a: Any, model_b: Any, x: Any, y: Any) -> dict[str, Any]:
+    ops_a, ops_b = traced_step_ops(model_a, x, y), traced_step_ops(model_b, x, y)
+    return {"ops": [sum(ops_a.values()), sum(ops_b.values())], "same_op_counts": ops_a == ops_b}
+
+
 # --- 1. fit step --------------------------------------------------------------------
 
 
@@ -125,6 +149,7 @@ def bench_fit_step(size: int, batch: int, reps: int) -> dict[str, Any]:
         lambda: model_a.train_on_batch(x, y), lambda: model_b.train_on_batch(x, y), reps
     )
     results["frozen"] = summary(ta, tb)
+    results["frozen"]["graph"] = same_graph(model_a, model_b, x[:2], y[:2])
 
     # Fine-tuning with BN in inference mode and gamma/beta frozen, the same trainable
     # variables on both sides: the pinned BN layers keep their moving statistics whatever
@@ -143,6 +168,7 @@ def bench_fit_step(size: int, batch: int, reps: int) -> dict[str, Any]:
         lambda: model_a.train_on_batch(x, y), lambda: model_b.train_on_batch(x, y), reps
     )
     results["fine_tuning"] = summary(ta, tb)
+    results["fine_tuning"]["graph"] = same_graph(model_a, model_b, x[:2], y[:2])
     results["fine_tuning"]["trainable_variables"] = [
         len(model_a.trainable_weights),
         len(model_b.trainable_weights),
@@ -273,6 +299,10 @@ def render(results: dict[str, Any]) -> str:
             f"ratio {t['ratio_of_medians']:.3f} (median pair ratio "
             f"{t['median_pair_ratio']:.3f}; trainable variables "
             f"{t['trainable_variables'][0]} vs {t['trainable_variables'][1]})",
+            f"  traced forward+gradient step, ops: frozen {f['graph']['ops'][0]} vs "
+            f"{f['graph']['ops'][1]} (same op counts: {f['graph']['same_op_counts']}), "
+            f"fine-tuning {t['graph']['ops'][0]} vs {t['graph']['ops'][1]} "
+            f"(same op counts: {t['graph']['same_op_counts']})",
             "",
         ]
     ft = results.get("freeze_time")
