@@ -2,11 +2,14 @@
 
 One pass over the data (``model.predict``-shaped) in which every selected BN layer's
 inputs are reduced, per batch and per replica, to ``(count, mean, centred sum of
-squares)`` in float64. Replicas are combined with an all-reduce inside the step, batches
-on the host with Chan's parallel formula, so the result is the mean and the biased
-variance over **all** samples and positions, as if the whole data were one batch. The
-model's variables are assigned once, at the very end; until then nothing of the model
-changes (classes swapped for the pass are restored in ``finally``).
+squares)``: by TensorFlow's fused batch-norm kernel for channels-last inputs (float32, as
+Keras's own BN computes batch statistics; the kernel also gives the normalised output),
+otherwise (masks, other axes) in float64. Replicas are combined with all-reduces inside
+the step, batches on the host in float64 with Chan's parallel formula, so the result is
+the mean and the biased variance over **all** samples and positions, as if the whole
+data were one batch. The model's variables are assigned once, at the very end; until
+then nothing of the model changes (the BN classes swapped for the pass, and any seed
+state a forward pass moves, are restored in ``finally``).
 """
 
 from __future__ import annotations
@@ -73,6 +76,11 @@ def recalibrate(
       branches, 2 for a chain of two, 49 for ResNet50's 53). Each pass stops at its
       deepest collected layer. ``data`` must give the same batches on every pass (a
       Python generator, which can be read only once, is refused).
+
+    **Precision.** Each batch's moments are computed in float32 as Keras's own BN
+    computes them (in float64 for masked inputs and for BN axes other than the last);
+    merging batches and replicas is exact in float64, so the result does not depend on
+    the batch size or the number of batches beyond float32 rounding of one batch.
 
     Everything else runs as in ``predict``: Dropout and other ``training``-dependent
     layers are off, and BN layers outside ``layers`` normalise with their moving
@@ -174,6 +182,9 @@ def recalibrate(
         layer = node.layer
         _assign(layer.moving_mean, mean)
         _assign(layer.moving_variance, variance)
+        if getattr(layer, "renorm", False) and getattr(layer, "moving_stddev", None) is not None:
+            # Batch renormalization keeps the inference variance as a moving stddev.
+            _assign(layer.moving_stddev, np.sqrt(variance + float(layer.epsilon)))
     return model
 
 

@@ -204,6 +204,19 @@ def test_mixed_precision_float16_inputs() -> None:
         keras.mixed_precision.set_global_policy("float32")
 
 
+def test_batch_renormalization_keeps_its_moving_stddev_consistent() -> None:
+    """renorm=True BN: moving_stddev follows the new variance (it is what renorm updates)."""
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, L.BatchNormalization(renorm=True, name="bn")(inputs))
+    x = x_data((4,), n=40)
+    recalibrate(model, x, verbose=0)
+    bn = model.get_layer("bn")
+    mean, var = moments(x, (0,))
+    assert_stats(bn, mean, var)
+    np.testing.assert_allclose(h.to_numpy(bn.moving_stddev), np.sqrt(var + bn.epsilon), rtol=1e-5)
+    np.testing.assert_allclose(model.predict(x, verbose=0).mean(axis=0), 0.0, atol=1e-4)
+
+
 def test_dropout_is_off_during_the_pass() -> None:
     """A Dropout above the BN does not fire: statistics equal the no-dropout reference."""
     inputs = keras.Input((6,))
