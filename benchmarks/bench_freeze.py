@@ -226,7 +226,11 @@ def rss_bytes() -> int:
 
 
 def weight_bytes(model: Any) -> int:
-    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+    total = 0
+    for v in model.weights:
+        dtype = getattr(v.dtype, "as_numpy_dtype", v.dtype)  # tf.DType in tf-keras
+        total += int(np.prod(v.shape)) * np.dtype(dtype).itemsize
+    return total
 
 
 def bench_memory(size: int, reps: int) -> dict[str, Any]:
