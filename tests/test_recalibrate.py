@@ -593,3 +593,17 @@ def test_public_name() -> None:
     assert bnfreeze.recalibrate is recalibrate
     assert "recalibrate" in bnfreeze.__all__
     assert not IS_TF_KERAS or keras.__name__.startswith("tf_keras")
+
+
+@pytest.mark.slow
+def test_resnet50_all_bn_layers() -> None:
+    """ResNet50 (weights=None): exact first BN, and all 53 BN layers recalibrated."""
+    model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=4)
+    h.set_far_statistics(model)
+    x = x_data((64, 64, 3), n=10, loc=0.0, scale=1.0)
+    recalibrate(model, x, batch_size=4, verbose=0)
+    bns = h.bn_layers(model)
+    assert len(bns) == 53
+    assert all(not np.allclose(stats(bn)[0], h.FAR_MEAN) for bn in bns)
+    conv1 = activations(model, "conv1_bn", x, batch=10)
+    assert_stats(model.get_layer("conv1_bn"), *moments(conv1, (0, 1, 2)), rtol=2e-5)
