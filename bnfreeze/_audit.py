@@ -1,6 +1,6 @@
 """audit / compare_phases: observe what every layer does under fit, evaluate and predict.
 
-Nothing here predicts from a table of Keras versions. :func:`audit` *traces* the model the
+Nothing here predicts from a table of Keras versions. `audit` *traces* the model the
 way the installed Keras's ``fit`` and ``evaluate``/``predict`` call it (``model(x,
 training=True)`` / ``training=False``, or ``model(x)`` when Keras 3 leaves the argument
 out) into a scratch graph. A trace builds ops but runs none, so no variable, seed or
@@ -14,8 +14,15 @@ temporarily wrapped to record
 * which of its own state variables (moving statistics, power-iteration vectors) the
   traced call writes, read from the assign ops it added to the graph.
 
+Keras 3's own ``BatchNormalization.call`` decides its branch first thing
+(``training and self.trainable``; a pinned layer by its mode) and its batch branch always
+assigns both moving statistics, so its body is not traced: the wrapper evaluates that
+decision inside the call and stands in with a same-shaped tensor (tracing BN bodies is
+most of the cost of a trace). BN subclasses with their own ``call``/``_moments``, renorm
+and synchronized BN, and every BN on tf-keras are traced in full and their assign ops read.
+
 ``evaluate`` and ``predict`` call the model identically in every flavour
-(``training=False``), so one trace serves both. :func:`compare_phases` runs one batch
+(``training=False``), so one trace serves both. `compare_phases` runs one batch
 eagerly both ways and restores every variable (weights, moving statistics, seed
 generators, metric states) afterwards.
 """
@@ -143,7 +150,7 @@ class Behaviour:
 
 @dataclass(frozen=True, eq=False)
 class LayerRecord:
-    """One learning-phase-dependent layer in an :class:`AuditReport`.
+    """One learning-phase-dependent layer in an `AuditReport`.
 
     Attributes:
         path: The layer's path, the syntax of ``freeze``'s selectors (``"base/bn"``).
@@ -186,7 +193,7 @@ class Finding:
     """Something in the model that does not do what its user most likely expects.
 
     Attributes:
-        code: A stable identifier, one of :data:`FINDING_CODES`.
+        code: A stable identifier, one of `FINDING_CODES`.
         severity: ``"error"`` (behaviour differs from what the code says now) or
             ``"warning"`` (a hazard: another setting, version or file load changes it).
         path: The layer or part concerned (``""`` for the whole model).
@@ -215,16 +222,16 @@ class Finding:
 
 
 class AuditReport:
-    """The result of :func:`audit`: one record per phase-dependent layer, and findings.
+    """The result of `audit`: one record per phase-dependent layer, and findings.
 
     ``print(report)`` shows a table and the findings; in a notebook the report renders as
-    HTML; :meth:`to_dict` is JSON-serialisable; :meth:`raise_for_findings` fails a script.
+    HTML; `to_dict` is JSON-serialisable; `raise_for_findings` fails a script.
 
     Attributes:
         model_name: The audited model's name.
         flavour: The Keras that was observed (``"keras 3.15.1"``).
-        rows: One :class:`LayerRecord` per learning-phase-dependent layer, in walk order.
-        findings: The :class:`Finding` list (empty when nothing is wrong).
+        rows: One `LayerRecord` per learning-phase-dependent layer, in walk order.
+        findings: The `Finding` list (empty when nothing is wrong).
     """
 
     def __init__(
@@ -269,7 +276,7 @@ class AuditReport:
         )
 
     def raise_for_findings(self, severity: Severity = "warning") -> None:
-        """Raise :class:`bnfreeze.FindingsError` when there are findings of ``severity``
+        """Raise `FindingsError` when there are findings of ``severity``
         or worse (``"warning"``: any finding; ``"error"``: errors only).
 
         Example:
@@ -1119,12 +1126,12 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
     layers, and ``trainable`` flags that ``fit`` will not use. **Nothing in the model
     changes**: no variable, seed, optimizer state or compiled function.
 
-    One :class:`LayerRecord` per layer whose ``call`` takes ``training`` (built-in or
+    One `LayerRecord` per layer whose ``call`` takes ``training`` (built-in or
     custom, at any depth): BatchNormalization, SpectralNormalization, Dropout and noise,
     preprocessing/augmentation, RNNs, attention, ... Each has ``fit``, ``evaluate`` and
-    ``predict`` :class:`Behaviour` s (``phase``, ``updates_state``, ``trains_weights``).
+    ``predict`` `Behaviour` records (``phase``, ``updates_state``, ``trains_weights``).
     ``report.findings`` lists what most likely differs from the user's intent, each with
-    a fix; :data:`FINDING_CODES` lists them all.
+    a fix (the "Reading an audit" guide lists every code).
 
     Args:
         model: A built ``keras.Model``.
@@ -1135,7 +1142,7 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
             check; a static batch size in the model's ``Input`` is used otherwise).
 
     Returns:
-        An :class:`AuditReport`: ``print(report)`` for a table, ``report.rows``,
+        An `AuditReport`: ``print(report)`` for a table, ``report.rows``,
         ``report.findings``, ``report.to_dict()``, ``report.raise_for_findings()``.
 
     Raises:
@@ -1217,7 +1224,7 @@ class LayerDivergence:
         path: The layer's path.
         class_name: Its class.
         divergence: RMS of (fit-phase output - evaluate-phase output) on the same input
-            (the input it receives in ``evaluate``), divided by the RMS of that input.
+            (the input the layer receives under ``fit``), divided by the RMS of that input.
             0 when the layer behaves the same in both.
         fit_phase: Its phase under ``fit``.
         evaluate_phase: Its phase under ``evaluate``.
@@ -1241,14 +1248,14 @@ class LayerDivergence:
 
 @dataclass(frozen=True)
 class PhaseComparison:
-    """The result of :func:`compare_phases`.
+    """The result of `compare_phases`.
 
     Attributes:
         loss: ``{"training": ..., "inference": ...}``: the loss ``fit`` and ``evaluate``
             report on the batch, or ``None`` when no ``y`` was given.
         divergence: RMS of (fit output - evaluate output) divided by the RMS of the
             evaluate output.
-        layers: Every phase-dependent layer's own :class:`LayerDivergence`, largest first.
+        layers: Every phase-dependent layer's own `LayerDivergence`, largest first.
     """
 
     loss: dict[str, float] | None
@@ -1389,8 +1396,8 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
 
     The model is called as the installed Keras's ``fit`` calls it (``training=True``,
     with the ``trainable`` flags ``fit`` uses) and as ``evaluate`` calls it
-    (``training=False``). Each phase-dependent layer is then run once more on the input it
-    got in ``evaluate``, in the phase it has under ``fit``, which ranks where the
+    (``training=False``). During the ``fit`` pass, each phase-dependent layer whose phase
+    differs is also run in its ``evaluate`` phase on the same input, which ranks where the
     divergence comes from. **Nothing in the model changes**: every variable the passes
     touch (weights, moving statistics, seed-generator states, loss-metric states) is
     restored afterwards, and no optimizer is involved.
@@ -1403,7 +1410,7 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
             compiled one; its mean plus the model's own losses (regularizers) is reported.
 
     Returns:
-        A :class:`PhaseComparison` with ``loss`` (``{"training", "inference"}``),
+        A `PhaseComparison` with ``loss`` (``{"training", "inference"}``),
         ``divergence`` and ``layers`` (largest first).
 
     Raises:
@@ -1444,30 +1451,34 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
     rows = [n for n in nodes if depends_on_phase(n.layer)]
     variables = [v for v in state_variables(model) if not v.trainable]
     saved = [_np(v).copy() for v in variables]
-    fit_seen: dict[int, Any] = {}
-    eval_seen: dict[
-        int, tuple[Any, Any, inspect.Signature, tuple[Any, ...], dict[str, Any], Any]
-    ] = {}
-
-    def record_fit(layer: Any, original: Any, sig: Any, args: Any, kwargs: Any) -> Any:
-        if id(layer) not in fit_seen:
-            fit_seen[id(layer)] = (_received(sig, args, kwargs), None)
-            out = original(*args, **kwargs)
-            fit_seen[id(layer)] = (
-                fit_seen[id(layer)][0],
-                _phase_eager(layer, fit_seen[id(layer)][0]),
-            )
-            return out
-        return original(*args, **kwargs)
+    eval_seen: dict[int, tuple[Any, Phase]] = {}  # layer -> (training received, phase)
+    fit_seen: dict[int, tuple[Phase, Any]] = {}  # layer -> (phase, divergence terms)
 
     def record_eval(layer: Any, original: Any, sig: Any, args: Any, kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
         if id(layer) not in eval_seen:
-            eval_seen[id(layer)] = (_received(sig, args, kwargs), original, sig, args, kwargs, out)
+            received = _received(sig, args, kwargs)
+            eval_seen[id(layer)] = (received, _phase_eager(layer, received))
+        return original(*args, **kwargs)
+
+    def record_fit(layer: Any, original: Any, sig: Any, args: Any, kwargs: Any) -> Any:
+        if id(layer) in fit_seen or id(layer) not in eval_seen:
+            return original(*args, **kwargs)
+        phase = _phase_eager(layer, _received(sig, args, kwargs))
+        eval_training, eval_phase = eval_seen[id(layer)]
+        terms = None
+        if phase != eval_phase:
+            # The layer's evaluate behaviour on the very input it gets under fit, before
+            # its fit call below changes any state (moving statistics, seeds).
+            bound = sig.bind_partial(*args, **kwargs)
+            bound.arguments["training"] = eval_training
+            other = original(*bound.args, **bound.kwargs)
+        out = original(*args, **kwargs)
+        if phase != eval_phase:
+            terms = _divergence_terms(out, other, args[:1])
+        fit_seen[id(layer)] = (phase, terms)
         return out
 
     watched = [n.layer for n in rows]
-    pending: list[tuple[Node, Phase, Phase, Any]] = []
     try:
         # evaluate first: it normally changes nothing, so fit then starts from the same
         # state without a restore in between (only a layer in its training behaviour
@@ -1477,45 +1488,26 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
             eval_loss = (
                 _loss_value(model, x, y, eval_out, loss, training=False) if y is not None else None
             )
-        eval_phases = {
-            key: _phase_eager(layer, value[0])
-            for layer in watched
-            if (key := id(layer)) in eval_seen
-            for value in [eval_seen[key]]
-        }
-        if any(phase == "training" for phase in eval_phases.values()):
+        if any(phase == "training" for _t, phase in eval_seen.values()):
             _assign_all(variables, saved)
-        with fit_trainable_state(model):
-            with _Wrapped(watched, record_fit):
-                fit_out = trainer_forward(model, x, training=True)
-                fit_loss = (
-                    _loss_value(model, x, y, fit_out, loss, training=True)
-                    if y is not None
-                    else None
-                )
-            for node in rows:
-                layer = node.layer
-                fit_training, fit_phase = fit_seen.get(id(layer), (None, None))
-                if fit_phase is None or id(layer) not in eval_seen:
-                    continue
-                eval_phase = eval_phases[id(layer)]
-                if fit_phase == eval_phase:
-                    pending.append((node, fit_phase, eval_phase, None))
-                    continue
-                _eval_training, original, sig, args, kwargs, out = eval_seen[id(layer)]
-                bound = sig.bind_partial(*args, **kwargs)
-                bound.arguments["training"] = fit_training
-                other = original(*bound.args, **bound.kwargs)
-                pending.append(
-                    (node, fit_phase, eval_phase, _divergence_terms(other, out, args[:1]))
-                )
-        divergence = _divergence_terms(fit_out, eval_out, eval_out)
-        values = _resolve([divergence, *(p[3] for p in pending)])
+        with fit_trainable_state(model), _Wrapped(watched, record_fit):
+            fit_out = trainer_forward(model, x, training=True)
+            fit_loss = (
+                _loss_value(model, x, y, fit_out, loss, training=True) if y is not None else None
+            )
+        pending = [
+            (node, *fit_seen[id(node.layer)], eval_seen[id(node.layer)][1])
+            for node in rows
+            if id(node.layer) in fit_seen
+        ]
+        values = _resolve(
+            [_divergence_terms(fit_out, eval_out, eval_out), *(p[2] for p in pending)]
+        )
     finally:
         _assign_all(variables, saved)
     entries = [
         LayerDivergence(node.path, _class_name(node.layer), value, fit_phase, eval_phase)
-        for (node, fit_phase, eval_phase, _terms), value in zip(pending, values[1:], strict=False)
+        for (node, fit_phase, _terms, eval_phase), value in zip(pending, values[1:], strict=True)
     ]
     entries.sort(key=lambda e: -(e.divergence if not math.isnan(e.divergence) else -1.0))
     result_loss = (
