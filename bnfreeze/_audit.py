@@ -14,12 +14,13 @@ temporarily wrapped to record
 * which of its own state variables (moving statistics, power-iteration vectors) the
   traced call writes, read from the assign ops it added to the graph.
 
-Keras 3's own ``BatchNormalization.call`` decides its branch first thing
-(``training and self.trainable``; a pinned layer by its mode) and its batch branch always
-assigns both moving statistics, so its body is not traced: the wrapper evaluates that
-decision inside the call and stands in with a same-shaped tensor (tracing BN bodies is
-most of the cost of a trace). BN subclasses with their own ``call``/``_moments``, renorm
-and synchronized BN, and every BN on tf-keras are traced in full and their assign ops read.
+The flavour's own ``BatchNormalization.call`` decides its branch first thing (Keras 3:
+``training and self.trainable``; tf-keras: ``_get_training_value``; a pinned layer: its
+mode) and its batch branch always writes both moving statistics, so its body is not
+traced: the wrapper evaluates that decision inside the call and stands in with a
+same-shaped tensor (tracing BN bodies is most of the cost of a trace). BN subclasses with
+their own ``call``, and renorm, synchronized, virtual-batch or adjusted BN are traced in
+full and their assign ops read.
 
 ``evaluate`` and ``predict`` call the model identically in every flavour
 (``training=False``), so one trace serves both. `compare_phases` runs one batch
@@ -41,6 +42,7 @@ import numpy as np
 from bnfreeze._compat import (
     HONOURS_GRAPH_TRAINING,
     IS_TF_KERAS,
+    bn_branch_decided_upfront,
     bn_uses_batch_statistics,
     compiled_loss_value,
     fit_trainable_state,
@@ -524,11 +526,12 @@ class _Tracer:
                 seen.batch_statistics = MODES[mode].batch_statistics and bool(seen.training)
             else:
                 seen.batch_statistics = bn_uses_batch_statistics(layer, seen.training)
-        if self._shortcut(layer):
-            # Keras 3's BatchNormalization.call decides ``training and self.trainable`` (a
-            # pinned one: its mode) before anything else, and its batch branch always
-            # assigns both moving statistics; tracing its body adds nothing to observe but
-            # is half the cost of a trace. Stand in with a same-shaped tensor.
+        if is_batch_norm(layer) and bn_branch_decided_upfront(layer):
+            # The flavour's own BatchNormalization.call decides its branch before any op
+            # (Keras 3: ``training and self.trainable``; tf-keras: _get_training_value; a
+            # pinned one: its mode), and its batch branch always writes both moving
+            # statistics; tracing its body adds nothing to observe but is most of the
+            # cost of a trace. Stand in with a same-shaped tensor.
             seen.shortcut = True
             return tf.cast(args[0], layer.compute_dtype)
         graph = tf.compat.v1.get_default_graph()
@@ -539,19 +542,6 @@ class _Tracer:
                 if op.type in _ASSIGN_OPS and op.inputs:
                     seen.assigned.add(op.inputs[0].name)
         return out
-
-    @staticmethod
-    def _shortcut(layer: Any) -> bool:
-        if IS_TF_KERAS or not is_batch_norm(layer):
-            return False
-        base = original_class(layer)
-        builtin = keras.layers.BatchNormalization
-        return (
-            base.call is builtin.call
-            and base._moments is builtin._moments
-            and not getattr(layer, "renorm", False)
-            and not getattr(layer, "synchronized", False)
-        )
 
     def _trace(self, spec: Any, training: bool) -> tuple[dict[int, _Seen], Any]:
         import tensorflow as tf

@@ -422,3 +422,29 @@ def compiled_loss_value(model: Any, x: Any, y: Any, y_pred: Any, *, training: bo
     if getattr(model, "_compile_loss", None) is None:
         return None
     return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=None, training=training)
+
+
+def bn_branch_decided_upfront(layer: Any) -> bool:
+    """True for a BatchNormalization whose ``call`` is the flavour's own, without options
+    that change how its batch branch runs (renorm, synchronized, virtual batches,
+    adjustment): its branch is decided before any op (``bn_uses_batch_statistics``),
+    and the batch branch always writes both moving statistics (unless the layer itself
+    is frozen, when tf-keras skips them -- but then it never takes that branch).
+    """
+    cls = getattr(type(layer), "_bnfreeze_base", None) or type(layer)
+    if IS_TF_KERAS:
+        return (
+            cls.call is _BNBase.call
+            and cls._get_training_value is _BNBase._get_training_value
+            and not getattr(layer, "renorm", False)
+            and getattr(layer, "virtual_batch_size", None) is None
+            and getattr(layer, "adjustment", None) is None
+            and not getattr(layer, "synchronized", False)
+        )
+    builtin = keras.layers.BatchNormalization
+    return (
+        cls.call is builtin.call
+        and cls._moments is builtin._moments
+        and not getattr(layer, "renorm", False)
+        and not getattr(layer, "synchronized", False)
+    )
