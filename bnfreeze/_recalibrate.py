@@ -826,13 +826,19 @@ class _Runner:
         return {str(k): v for k, v in sorted(collected.items())}
 
     def _function(self, first: Any) -> Any:
-        """The step: traced once for batches shaped like ``first`` (any batch size)."""
+        """The step: traced once for batches shaped like ``first`` (any batch size).
+
+        Each pass wraps a fresh callable object: TensorFlow counts traces per code
+        object and would warn about "retracing" after a few passes of one call.
+        """
+        replica_step = _Step(self._replica_step)
+
         if not self.distributed:
             signature = tf.nest.map_structure(
                 lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype),
                 tf.nest.map_structure(tf.convert_to_tensor, first),
             )
-            traced = tf.function(self._replica_step, input_signature=(signature,))
+            traced = tf.function(replica_step, input_signature=(signature,))
             relaxed: list[Any] = []
 
             def call(x: Any) -> Any:
@@ -843,13 +849,13 @@ class _Runner:
                 if fits:
                     return traced(x)
                 if not relaxed:  # batches of varying shapes (e.g. padded per batch)
-                    relaxed.append(tf.function(self._replica_step, reduce_retracing=True))
+                    relaxed.append(tf.function(replica_step, reduce_retracing=True))
                 return relaxed[0](x)
 
             return call
 
         def step(x: Any) -> Any:
-            return self.strategy.run(self._replica_step, args=(x,))
+            return self.strategy.run(replica_step, args=(x,))
 
         return tf.function(step, reduce_retracing=True)
 
@@ -953,6 +959,16 @@ class _Runner:
             ups = [levels[j] for j in range(len(self.targets)) if masks[i] >> j & 1]
             levels[i] = 1 + max(ups) if ups else 0
         return levels
+
+
+class _Step:
+    """A callable without ``__code__``, so each pass is its own tf.function for TensorFlow."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    def __call__(self, x: Any) -> Any:
+        return self.function(x)
 
 
 class _nullcontext:
