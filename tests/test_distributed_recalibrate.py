@@ -117,6 +117,34 @@ def test_mirrored_batches_smaller_than_replicas() -> None:
     np.testing.assert_allclose(mean2, conv2.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
 
 
+def test_mirrored_masked_and_channels_first() -> None:
+    """The float64 path (axis=1, and a mask) all-reduces too: exact and identical on replicas."""
+    strategy = mirrored()
+    with strategy.scope():
+        images = keras.Input((3, 5, 4))
+        tokens = keras.Input((7,), dtype="int32")
+        emb = L.Embedding(12, 4, mask_zero=True, name="emb")(tokens)
+        model = keras.Model(
+            [images, tokens],
+            [
+                L.BatchNormalization(axis=1, name="bn_cf")(images),
+                L.BatchNormalization(name="bn_mask")(emb),
+            ],
+        )
+    rng = np.random.default_rng(8)
+    x = rng.normal(2.0, 3.0, size=(21, 3, 5, 4)).astype("float32")
+    t = rng.integers(1, 12, size=(21, 7)).astype("int32")
+    t[np.arange(7)[None, :] >= rng.integers(1, 8, size=21)[:, None]] = 0
+    bnfreeze.recalibrate(model, [x, t], batch_size=8, verbose=0)
+    vectors = h.to_numpy(model.get_layer("emb").embeddings)[t[t != 0]]
+    for name, ref in (("bn_cf", moments(x, (0, 2, 3))), ("bn_mask", moments(vectors, (0,)))):
+        bn = model.get_layer(name)
+        for variable, want in zip((bn.moving_mean, bn.moving_variance), ref, strict=True):
+            values = replica_values(variable, strategy)
+            np.testing.assert_array_equal(values[0], values[1])
+            np.testing.assert_allclose(values[0], want, rtol=1e-5, atol=1e-6)
+
+
 def test_mirrored_dataset_and_drifted_replicas() -> None:
     """Replicas that drifted apart in fit (KERAS_FACTS 8) end identical after recalibrate."""
     x = x_data(32)
