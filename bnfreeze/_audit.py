@@ -30,6 +30,7 @@ generators, metric states) afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import inspect
 import math
@@ -54,6 +55,7 @@ from bnfreeze._compat import (
     ops_since,
     recorded_training,
     state_variables,
+    stateless_scope,
     trace_graph,
     trainer_forward,
     variable_handle,
@@ -478,7 +480,9 @@ def _own_variables(node: Node, row_ids: set[int]) -> list[Any]:
 class _Observation:
     fit: dict[int, _Seen]
     infer: dict[int, _Seen]
-    state_names: dict[int, set[str]]  # layer id -> captured-resource names of its state
+    # layer id -> names, in the fit / inference graph, of its captured state variables
+    fit_names: dict[int, set[str]]
+    infer_names: dict[int, set[str]]
 
 
 class _Tracer:
@@ -544,8 +548,6 @@ class _Tracer:
         return out
 
     def _trace(self, spec: Any, training: bool) -> tuple[dict[int, _Seen], Any]:
-        import tensorflow as tf
-
         self.current = {}
         self.counter = 0
         model = self.model
@@ -564,7 +566,6 @@ class _Tracer:
                 graph = trace_graph(forward, spec)
         else:
             graph = trace_graph(forward, spec)
-        del tf
         return self.current, graph
 
     def run(self, spec: Any) -> _Observation:
@@ -575,15 +576,20 @@ class _Tracer:
                 infer, infer_graph = self._trace(spec, False)
         finally:
             _restore_losses(saved_losses)
+        return _Observation(
+            fit, infer, self._state_names(fit_graph), self._state_names(infer_graph)
+        )
+
+    def _state_names(self, graph: Any) -> dict[int, set[str]]:
+        """Layer id -> the names under which ``graph`` captured its state variables."""
+        by_handle = {id(ext): internal.name for ext, internal in graph.captures}
         names: dict[int, set[str]] = {}
-        for graph in (fit_graph, infer_graph):
-            by_handle = {id(ext): internal.name for ext, internal in graph.captures}
-            for layer_id, variables in self.state.items():
-                for v in variables:
-                    name = by_handle.get(id(variable_handle(v)))
-                    if name is not None:
-                        names.setdefault(layer_id, set()).add(name)
-        return _Observation(fit, infer, names)
+        for layer_id, variables in self.state.items():
+            for v in variables:
+                name = by_handle.get(id(variable_handle(v)))
+                if name is not None:
+                    names.setdefault(layer_id, set()).add(name)
+        return names
 
 
 def _save_losses(model: Any) -> list[tuple[Any, list[Any]]]:
@@ -1177,9 +1183,10 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
         layer = node.layer
         own = _own_variables(node, row_ids)
         trains = any(id(v) in used_ids for v in own)
-        names = obs.state_names.get(id(layer), set())
-        fit = _behaviour(layer, obs.fit.get(id(layer)), names, trains)
-        infer = _behaviour(layer, obs.infer.get(id(layer)), names, False)
+        fit = _behaviour(layer, obs.fit.get(id(layer)), obs.fit_names.get(id(layer), set()), trains)
+        infer = _behaviour(
+            layer, obs.infer.get(id(layer)), obs.infer_names.get(id(layer), set()), False
+        )
         records.append(
             LayerRecord(
                 path=node.path,
@@ -1297,16 +1304,16 @@ def _tensors(structure: Any) -> list[Any]:
     ]
 
 
-def _sum_of_squares(tensors: list[Any]) -> Any:
+def _half_sum_of_squares(tensors: list[Any]) -> Any:
     import tensorflow as tf
 
-    sums = [tf.reduce_sum(tf.square(t)) for t in tensors]
+    sums = [tf.nn.l2_loss(t) for t in tensors]  # sum(t ** 2) / 2, one op each
     return sums[0] if len(sums) == 1 else tf.add_n(sums)
 
 
 def _divergence_terms(a: Any, b: Any, scale: Any) -> Any:
-    """``(sum (a-b)^2, size, sum scale^2, size)``, tensors not yet read (``None``: shapes
-    differ)."""
+    """``(sum (a-b)^2 / 2, size, sum scale^2 / 2, size)``, tensors not yet read (``None``:
+    shapes differ)."""
     ta, tb, ts = _tensors(a), _tensors(b), _tensors(scale)
     if (
         not ta
@@ -1314,8 +1321,8 @@ def _divergence_terms(a: Any, b: Any, scale: Any) -> Any:
         or any(x.shape != y.shape for x, y in zip(ta, tb, strict=False))
     ):
         return None
-    diff = _sum_of_squares([x - y for x, y in zip(ta, tb, strict=False)])
-    ref = _sum_of_squares(ts) if ts else None
+    diff = _half_sum_of_squares([x - y for x, y in zip(ta, tb, strict=False)])
+    ref = _half_sum_of_squares(ts) if ts else None
     count = float(sum(int(np.prod(t.shape)) for t in ta))
     ref_count = float(sum(int(np.prod(t.shape)) for t in ts))
     return diff, count, ref, ref_count
@@ -1439,8 +1446,16 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
         y = tf.nest.map_structure(tf.convert_to_tensor, list(y) if isinstance(y, tuple) else y)
     nodes = walk(model)
     rows = [n for n in nodes if depends_on_phase(n.layer)]
-    variables = [v for v in state_variables(model) if not v.trainable]
+    # Keras 3: each pass runs in a StatelessScope, so no assign reaches a variable. tf-keras
+    # has no such scope: everything a forward pass or loss can write is snapshotted and
+    # restored (trainable weights are never written by a forward pass).
+    stateless = stateless_scope() is not None
+    variables = [] if stateless else [v for v in state_variables(model) if not v.trainable]
     saved = [_np(v).copy() for v in variables]
+
+    def no_updates() -> Any:
+        return stateless_scope() or contextlib.nullcontext()
+
     eval_seen: dict[int, tuple[Any, Phase]] = {}  # layer -> (training received, phase)
     fit_seen: dict[int, tuple[Phase, Any]] = {}  # layer -> (phase, divergence terms)
 
@@ -1473,14 +1488,14 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
         # evaluate first: it normally changes nothing, so fit then starts from the same
         # state without a restore in between (only a layer in its training behaviour
         # under evaluate, e.g. hard-coded training=True, can change state).
-        with _Wrapped(watched, record_eval):
+        with no_updates(), _Wrapped(watched, record_eval):
             eval_out = trainer_forward(model, x, training=False)
             eval_loss = (
                 _loss_value(model, x, y, eval_out, loss, training=False) if y is not None else None
             )
-        if any(phase == "training" for _t, phase in eval_seen.values()):
+        if variables and any(phase == "training" for _t, phase in eval_seen.values()):
             _assign_all(variables, saved)
-        with fit_trainable_state(model), _Wrapped(watched, record_fit):
+        with no_updates(), fit_trainable_state(model), _Wrapped(watched, record_fit):
             fit_out = trainer_forward(model, x, training=True)
             fit_loss = (
                 _loss_value(model, x, y, fit_out, loss, training=True) if y is not None else None

@@ -448,3 +448,13 @@ def bn_branch_decided_upfront(layer: Any) -> bool:
         and not getattr(layer, "renorm", False)
         and not getattr(layer, "synchronized", False)
     )
+
+
+def stateless_scope() -> Any:
+    """Keras 3: a ``keras.StatelessScope`` -- every ``variable.assign`` inside it (moving
+    statistics, seed generators, metrics) is recorded in the scope instead of applied.
+    tf-keras has none: ``None`` (the caller snapshots and restores instead).
+    """
+    if IS_TF_KERAS:
+        return None
+    return keras.StatelessScope()
