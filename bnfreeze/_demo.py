@@ -329,5 +329,24 @@ def render(result: DemoResult) -> str:
             f"{r.case:<{width}}  {r.fit_loss:>9.4f}  {r.evaluate_loss:>13.4f}  "
             f"{'yes' if r.match else 'NO':<6}  {r.bn_statistics_in_fit}"
         )
-    lines += ["", f"({result.seconds:.1f} s)"]
+    lines += ["", *_conclusions(result.rows), f"({result.seconds:.1f} s)"]
     return "\n".join(lines)
+
+
+def _conclusions(rows: list[Row]) -> list[str]:
+    """What the measured rows say, in words (derived from the rows, not the flavour)."""
+    out = []
+    for r in rows:
+        if r.match:
+            continue
+        if r.bn_statistics_in_fit == "batch":
+            why = "fit normalised with this one image's statistics, evaluate with the moving ones"
+        else:
+            why = "fit and evaluate disagree"
+        if "guide pattern, base unfrozen" in r.case and r.bn_statistics_in_fit == "batch":
+            why += " (the recorded training=False is ignored: keras-team/keras#20285)"
+        out.append(f"- {r.case}: {why}.")
+    pinned = [r for r in rows if "bnfreeze.freeze" in r.case]
+    if pinned and all(r.match for r in pinned):
+        out.append("- after bnfreeze.freeze, fit and evaluate report the same loss.")
+    return out

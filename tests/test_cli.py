@@ -190,6 +190,10 @@ def test_demo_human_table(capsys, demo_json):
             "yes" if row["match"] else "NO",
             row["bn_statistics_in_fit"],
         ]
+    assert "- after bnfreeze.freeze, fit and evaluate report the same loss." in lines
+    mismatched = [row for row in demo_json["rows"] if not row["match"]]
+    assert sum(line.startswith("- guide pattern") for line in lines) == len(mismatched)
+    assert ("keras-team/keras#20285" in stdout) is (not HONOURS_GRAPH_TRAINING)
     assert "\x1b[" not in stdout  # no colour codes
 
 
