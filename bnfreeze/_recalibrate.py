@@ -343,7 +343,7 @@ class _ArraySource(_Source):
     def __init__(self, x: Any, batch_size: int | None, steps: int | None) -> None:
         super().__init__(steps)
         leaves = tf.nest.flatten(x)
-        if not leaves or not all(_is_array(v) or isinstance(v, list) for v in leaves):
+        if not leaves or not all(_is_array(v) for v in leaves):
             kinds = sorted({type(v).__name__ for v in leaves}) or [type(x).__name__]
             raise DataError(
                 "Expected `data` to be a numpy array, a list or dict of arrays, a "
@@ -745,9 +745,6 @@ def _moments64(
         squares = tf.where(where, squares, tf.zeros_like(squares))
     (m2,) = _all_reduce([tf.reduce_sum(squares, reduce_axes)])
     return count, mean, m2
-
-
-_CLASS_CACHE: dict[tuple[type, int], type] = {}
 
 
 def _swap_class(cls: type, plan: _Plan) -> type:
