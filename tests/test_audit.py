@@ -272,6 +272,27 @@ def test_hard_coded_training_true_in_evaluate_matches_real_evaluate() -> None:
     assert updated is (not K315)  # KERAS_FACTS: 3.15 ignores it; tf-keras/3.16 update
 
 
+@pytest.mark.slow
+def test_resnet50_guide_pattern_every_bn_matches_one_fit_step() -> None:
+    """ResNet50 (53 BN) in the guide's pattern: every BN row matches one real fit step."""
+    base = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))
+    base.trainable = False
+    inputs = keras.Input((64, 64, 3))
+    h = L.GlobalAveragePooling2D(name="pool")(base(inputs, training=False))
+    model = keras.Model(inputs, L.Dense(2, name="head")(h))
+    base.trainable = True
+    report = bnfreeze.audit(model)
+    bns = [r for r in report.rows if r.class_name == "BatchNormalization"]
+    assert len(bns) == 53
+    compile_sgd(model, lr=0.0)
+    before = {r.path: to_numpy(r.layer.moving_mean).copy() for r in bns}
+    model.fit(data((64, 64, 3), 2), data((2,), 2), batch_size=2, verbose=0)
+    changed = {r.path: not np.allclose(before[r.path], to_numpy(r.layer.moving_mean)) for r in bns}
+    assert {r.path: r.fit.updates_state for r in bns} == changed
+    assert set(changed.values()) == {K315}  # KERAS_FACTS: only 3.15 ignores training=False
+    assert not bnfreeze.audit(bnfreeze.freeze(model, "resnet50")).findings
+
+
 # --- findings ----------------------------------------------------------------------------
 
 
