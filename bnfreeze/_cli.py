@@ -11,11 +11,12 @@ Exit status: 0 success; 1 the audit has findings; 2 bad usage or unreadable inpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 EXIT_OK = 0
@@ -92,9 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_tensorflow() -> None:
+@contextlib.contextmanager
+def _quiet_tensorflow() -> Iterator[None]:
     """Keep TensorFlow's Python-side retracing warnings out of a command's output."""
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load(path: str, *, compile: bool) -> Any:
@@ -168,9 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
-    _quiet_tensorflow()
     try:
-        return _COMMANDS[args.command](args)
+        with _quiet_tensorflow():
+            return _COMMANDS[args.command](args)
     except InputError as error:
         print(f"{error.name}: {error}", file=sys.stderr)
         return EXIT_ERROR
