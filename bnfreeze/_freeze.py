@@ -122,27 +122,29 @@ def _apply(
             unpin(node.layer)
         else:
             pin(node.layer, step.pin)
-    _sync_recorded_training(nodes)
+    _sync_recorded_training(model, nodes)
     reset_compiled_functions(model)
 
 
 def _fully_pinned(node: Node, nodes: list[Node]) -> bool:
     if not node.is_container:
         return is_pinned(node.layer)
-    inside = [n for n in descendants(nodes, node.path) if not n.is_container]
+    below = nodes if node.path == "" else descendants(nodes, node.path)
+    inside = [n for n in below if not n.is_container]
     phase = [n for n in inside if depends_on_phase(n.layer)]
     return bool(phase) and all(is_pinned(n.layer) for n in phase)
 
 
-def _sync_recorded_training(nodes: list[Node]) -> None:
+def _sync_recorded_training(model: Any, nodes: list[Node]) -> None:
     """Remove ``training=`` recorded in graph calls of fully pinned parts; restore the rest.
 
     A recorded ``base(x, training=False)`` is ignored by keras 3.0-3.15 and leaks to every
     later layer in 3.16 (the head's Dropout stops). Once the part decides its own phase
     the recorded value says nothing, so it is removed (and remembered on the node, so
-    :func:`unfreeze` puts it back).
+    :func:`unfreeze` puts it back). The model itself counts too: ``freeze(base)`` on a
+    base that an outer graph calls with ``training=False`` fixes that call.
     """
-    for node in nodes:
+    for node in [Node("", model, None, 0, True), *nodes]:
         if _fully_pinned(node, nodes):
             for graph_node, value in recorded_training(node.layer):
                 graph_node._bnfreeze_training = value

@@ -215,9 +215,18 @@ def test_unfreeze_restores_config_and_values(kind: str) -> None:
 
 def test_guide_pattern_roundtrip_restores_recorded_training() -> None:
     """The training=False recorded in the guide graph comes back with unfreeze."""
-    model, _ = _guide_model()
+    from bnfreeze._compat import recorded_training
+
+    model, base = _guide_model()
     config = model.get_config()
-    bnfreeze.unfreeze(bnfreeze.freeze(model, "base"))
+    assert [value for _, value in recorded_training(base)] == [False]
+    bnfreeze.freeze(model, "base")
+    assert recorded_training(base) == []
+    bnfreeze.unfreeze(model, "base")
+    assert model.get_config() == config
+    bnfreeze.freeze(base)  # freezing the base itself fixes the outer graph's call too
+    assert recorded_training(base) == []
+    bnfreeze.unfreeze(base)
     assert model.get_config() == config
 
 
@@ -379,9 +388,10 @@ def _base(kind: str) -> Any:
     return base
 
 
+@pytest.mark.parametrize("target", ["outer", "base"], ids=["freeze_outer_path", "freeze_base_itself"])
 @pytest.mark.parametrize("base_kind", ["functional", "sequential", "subclassed", "subclassed_no_training"])
 @pytest.mark.parametrize("mode", ["inference", "adapt"])
-def test_guide_pattern_every_base_kind(base_kind: str, mode: str) -> None:
+def test_guide_pattern_every_base_kind(base_kind: str, mode: str, target: str) -> None:
     """KERAS_FACTS rows: base(x, training=False) for every base kind, base unfrozen afterwards.
 
     The BN follows the frozen mode on every flavour, and the head's Dropout still fires.
@@ -391,7 +401,10 @@ def test_guide_pattern_every_base_kind(base_kind: str, mode: str) -> None:
     hidden = keras.layers.Dropout(0.5, name="head_dropout")(base(inputs, training=False))
     model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
     h.set_far_statistics(model)
-    bnfreeze.freeze(model, "base", bn_mode=mode)
+    if target == "outer":
+        bnfreeze.freeze(model, "base", bn_mode=mode)
+    else:
+        bnfreeze.freeze(base, bn_mode=mode)
     base.trainable = True
     h.compile_sgd(model, lr=0.0)
     x, y = h.inputs_for(model), h.targets_for(model)
