@@ -49,6 +49,7 @@ from bnfreeze._compat import (
     fit_trainable_state,
     fit_trainable_variables,
     flavour_label,
+    has_compiled_loss,
     keras,
     model_input_spec,
     num_replicas,
@@ -1395,9 +1396,10 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
     with the ``trainable`` flags ``fit`` uses) and as ``evaluate`` calls it
     (``training=False``). During the ``fit`` pass, each phase-dependent layer whose phase
     differs is also run in its ``evaluate`` phase on the same input, which ranks where the
-    divergence comes from. **Nothing in the model changes**: every variable the passes
-    touch (weights, moving statistics, seed-generator states, loss-metric states) is
-    restored afterwards, and no optimizer is involved.
+    divergence comes from. **Nothing in the model changes**: on Keras 3 both passes run
+    in a ``keras.StatelessScope`` (no assignment -- moving statistics, seed generators,
+    loss metrics -- reaches a variable); on tf-keras every non-trainable variable and
+    metric state is snapshotted and restored. No optimizer is involved.
 
     Args:
         model: A built ``keras.Model``.
@@ -1425,18 +1427,12 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
         (['inference', 'training'], 'bn')
     """
     check_model(model, function="compare_phases")
-    if y is not None and loss is None:
-        compiled = (
-            getattr(model, "compiled_loss", None)
-            if IS_TF_KERAS
-            else getattr(model, "_compile_loss", None)
+    if y is not None and loss is None and not has_compiled_loss(model):
+        raise ModelError(
+            f"compare_phases received targets `y` but model {model.name!r} is not "
+            "compiled with a loss. Expected model.compile(loss=...) first, or pass "
+            "loss= (e.g. loss='mse')."
         )
-        if compiled is None:
-            raise ModelError(
-                f"compare_phases received targets `y` but model {model.name!r} is not "
-                "compiled with a loss. Expected model.compile(loss=...) first, or pass "
-                "loss= (e.g. loss='mse')."
-            )
     import tensorflow as tf
 
     if isinstance(x, tuple):

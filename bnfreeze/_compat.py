@@ -8,6 +8,7 @@ otherwise on Keras 3 (``import keras``). Everything that differs between keras 3
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -123,10 +124,8 @@ def reset_compiled_functions(model: Any) -> None:
     """Drop cached train/test/predict functions so the next call traces the new behaviour."""
     for attr in ("train_function", "test_function", "predict_function"):
         if getattr(model, attr, None) is not None:
-            try:
+            with contextlib.suppress(AttributeError):  # read-only on exotic models
                 setattr(model, attr, None)
-            except AttributeError:  # pragma: no cover - read-only on exotic models
-                pass
 
 
 def run_updates_even_if_frozen(updates: Any) -> None:
@@ -191,7 +190,9 @@ def set_recorded_training(node: Any, value: Any) -> None:
         not node.call_kwargs and len(node.call_args) == 1 and tf.is_tensor(node.call_args[0])
     )
     inputs = [
-        (i, x) for i, x in enumerate(node._flat_arguments) if any(x is k for k in node._keras_inputs)
+        (i, x)
+        for i, x in enumerate(node._flat_arguments)
+        if any(x is k for k in node._keras_inputs)
     ]
     node._keras_inputs_ids_and_indices = [(str(id(x)), i) for i, x in inputs]
 
@@ -458,3 +459,10 @@ def stateless_scope() -> Any:
     if IS_TF_KERAS:
         return None
     return keras.StatelessScope()
+
+
+def has_compiled_loss(model: Any) -> bool:
+    """Whether ``model`` was compiled with a loss (what ``compiled_loss_value`` uses)."""
+    if IS_TF_KERAS:
+        return getattr(model, "compiled_loss", None) is not None
+    return getattr(model, "_compile_loss", None) is not None
