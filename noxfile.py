@@ -70,7 +70,9 @@ def lint(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the documentation strictly (API pages come from the docstrings)."""
     session.install("mkdocs>=1.6", "mkdocs-material", "mkdocstrings[python]>=0.26")
-    session.run("mkdocs", "build", "--strict", "--site-dir", os.path.join(session.create_tmp(), "site"))
+    session.run(
+        "mkdocs", "build", "--strict", "--site-dir", os.path.join(session.create_tmp(), "site")
+    )
 
 
 @nox.session(python="3.11")

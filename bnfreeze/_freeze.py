@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfreeze._compat import (
+    _MISSING,
     Layer,
     Model,
-    _MISSING,
     flavour_label,
     is_foreign_keras_object,
     recorded_training,
@@ -68,9 +68,7 @@ def _check_supported(steps: list[_Step]) -> None:
         if base is layer.__class__ and is_pinned(layer):  # pragma: no cover - defensive
             continue
         custom = [
-            name
-            for name in ("call", "_get_training_value")
-            if _defines_beyond_keras(base, name)
+            name for name in ("call", "_get_training_value") if _defines_beyond_keras(base, name)
         ]
         if custom:
             raise UnsupportedLayerError(
@@ -107,9 +105,7 @@ def _final_trainable(
     return final
 
 
-def _apply(
-    model: Any, nodes: list[Node], steps: dict[int, _Step], final: dict[int, bool]
-) -> None:
+def _apply(model: Any, nodes: list[Node], steps: dict[int, _Step], final: dict[int, bool]) -> None:
     # Containers first (their setter propagates down), then every layer gets its own flag.
     model.trainable = final[id(model)]
     for node in nodes:
@@ -312,4 +308,3 @@ def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = No
 def frozen_modes(model: Any) -> dict[str, str]:
     """Path -> pinned mode of every layer of ``model`` that bnfreeze pinned."""
     return {n.path: str(pinned_mode(n.layer)) for n in walk(model) if is_pinned(n.layer)}
-

@@ -1,8 +1,9 @@
 """The pinned layers: a frozen layer's behaviour lives in the layer itself.
 
 ``pin(layer, mode)`` changes the class of ``layer`` *in place* to a generated subclass of
-its own class, of the same name (so saved weight files keep their variable paths). The instance, its name, its variables and its place in every
-graph stay exactly the same; only its ``call`` now decides the learning phase itself:
+its own class, of the same name (so saved weight files keep their variable paths). The
+instance, its name, its variables and its place in every graph stay exactly the same;
+only its ``call`` now decides the learning phase itself:
 
 * a BatchNormalization follows its ``bn_mode`` (see ``_modes``) whatever ``training``
   value and ``trainable`` flag it sees;

@@ -53,7 +53,7 @@ def up_to(name: str) -> UpTo:
     return UpTo(name)
 
 
-Selector = Union[None, str, Any, Callable[[Any], bool], UpTo, Sequence[Any]]
+Selector = Union[None, str, Any, Callable[[Any], bool], UpTo, Sequence[Any]]  # noqa: UP007
 
 
 def _close(paths: list[str], word: str) -> list[str]:

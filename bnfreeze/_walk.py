@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from bnfreeze._compat import (
@@ -45,7 +45,7 @@ def is_batch_norm(layer: Any) -> bool:
     return isinstance(layer, BN_BASE)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _class_takes_training(cls: type) -> bool:
     call = getattr(cls, "call", None)
     if call is None:

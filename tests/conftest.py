@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -13,12 +14,10 @@ import tensorflow as tf
 # Two logical CPU devices so MirroredStrategy tests have two replicas. This must happen
 # before TensorFlow initialises its devices, i.e. at import of the first test module.
 _cpus = tf.config.list_physical_devices("CPU")
-try:
+with contextlib.suppress(RuntimeError):  # devices already initialised
     tf.config.set_logical_device_configuration(
         _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
     )
-except RuntimeError:  # pragma: no cover - devices already initialised
-    pass
 
 from bnfreeze._compat import keras  # noqa: E402  (after the device set-up)
 

@@ -86,8 +86,9 @@ def conv() -> Any:
 def nested() -> Any:
     """Three levels: outer -> middle -> inner, BN at every level."""
     i = keras.Input((6,))
-    inner = keras.Model(i, L.BatchNormalization(name="bn_inner")(L.Dense(8, name="d_inner")(i)),
-                        name="inner")
+    inner = keras.Model(
+        i, L.BatchNormalization(name="bn_inner")(L.Dense(8, name="d_inner")(i)), name="inner"
+    )
     m = keras.Input((6,))
     h = inner(m)
     h = L.BatchNormalization(name="bn_middle")(h)
@@ -156,7 +157,9 @@ BUILDERS: dict[str, Callable[[], Any]] = {
 
 def inputs_for(model: Any, n: int = 8, seed: int = 0) -> Any:
     """Standard-normal inputs matching the model's input shapes."""
-    shapes = [tuple(t.shape[1:]) for t in model.inputs] if getattr(model, "inputs", None) else [(6,)]
+    shapes = (
+        [tuple(t.shape[1:]) for t in model.inputs] if getattr(model, "inputs", None) else [(6,)]
+    )
     xs = [data(s, n, seed + k) for k, s in enumerate(shapes)]
     return xs if len(xs) > 1 else xs[0]
 

@@ -34,7 +34,9 @@ def _assert_unchanged(model: Any, before: Any) -> None:
     assert after[3] == before[3]
 
 
-@pytest.mark.parametrize("function", [bnfreeze.freeze, bnfreeze.unfreeze], ids=["freeze", "unfreeze"])
+@pytest.mark.parametrize(
+    "function", [bnfreeze.freeze, bnfreeze.unfreeze], ids=["freeze", "unfreeze"]
+)
 def test_unknown_mode(function: Any) -> None:
     """An unknown bn_mode names the four modes and the closest one; nothing changes."""
     model = h.nested()
@@ -69,9 +71,7 @@ def test_a_layer_is_not_a_model() -> None:
     assert str(info.value).startswith(
         "Expected `model` to be a keras.Model. Received: a Keras layer ("
     )
-    assert str(info.value).endswith(
-        "Wrap layers in a model first, e.g. keras.Sequential([layer])."
-    )
+    assert str(info.value).endswith("Wrap layers in a model first, e.g. keras.Sequential([layer]).")
 
 
 def test_unbuilt_model() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze._compat import IS_TF_KERAS, keras
+from bnfreeze._compat import keras
 from bnfreeze._modes import MODES
 from tests import helpers as h
 
@@ -48,8 +48,9 @@ def test_mode_matrix_whole_model(kind: str, mode: str) -> None:
     bnfreeze.freeze(model, bn_mode=mode)
     h.compile_sgd(model, lr=0.5)
     x, y = h.inputs_for(model), h.targets_for(model)
-    eval_loss = model.evaluate(x, y, batch_size=len(y[0]) if isinstance(y, list) else len(y),
-                               verbose=0)
+    eval_loss = model.evaluate(
+        x, y, batch_size=len(y[0]) if isinstance(y, list) else len(y), verbose=0
+    )
     eval_loss = eval_loss[0] if isinstance(eval_loss, list) else eval_loss
     before_bn, before_other = _bn_state(model), _non_bn_weights(model)
     fit_loss = _one_step(model, x, y)
@@ -106,7 +107,7 @@ def _guide_model(dropout: float = 0.5) -> tuple[Any, Any]:
 
 
 def test_guide_pattern_base_unfrozen_keeps_inference_and_head_dropout() -> None:
-    """#20285: freeze(base), then base.trainable = True: BN stays in inference, head Dropout fires."""
+    """#20285: freeze(base), base.trainable = True: BN stays in inference, head Dropout fires."""
     model, base = _guide_model()
     h.set_far_statistics(model)
     bnfreeze.freeze(model, "base")
@@ -151,7 +152,7 @@ def test_pin_holds_after_trainable_changes() -> None:
 
 
 def test_nested_frozen_container_reports_untrainable_and_can_be_unfrozen() -> None:
-    """A nested model whose layers are all frozen says trainable=False; base.trainable=True works."""
+    """A nested model whose layers are all frozen says trainable=False; unfreezing it works."""
     model, base = _guide_model(dropout=0.0)
     bnfreeze.freeze(model, "base")
     assert base.trainable is False
@@ -182,8 +183,12 @@ def test_frozen_part_dropout_off_and_keep_dropout() -> None:
 
     def build() -> Any:
         return keras.Sequential(
-            [keras.Input((6,)), keras.layers.Dense(8, name="d"), keras.layers.Dropout(0.5,
-             name="drop"), keras.layers.Dense(2, name="head")]
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, name="d"),
+                keras.layers.Dropout(0.5, name="drop"),
+                keras.layers.Dense(2, name="head"),
+            ]
         )
 
     x, y = h.data((6,)), h.data((2,), seed=9)
@@ -264,7 +269,10 @@ def test_unfreeze_with_mode_fine_tunes_top_block() -> None:
     assert inner.get_layer("d_inner").trainable and not inner.get_layer("bn_inner").trainable
     h.compile_sgd(model, lr=0.5)
     bn = inner.get_layer("bn_inner")
-    stats, kernel = h.to_numpy(bn.moving_mean).copy(), h.to_numpy(inner.get_layer("d_inner").kernel).copy()
+    stats, kernel = (
+        h.to_numpy(bn.moving_mean).copy(),
+        h.to_numpy(inner.get_layer("d_inner").kernel).copy(),
+    )
     _one_step(model, h.inputs_for(model), h.targets_for(model))
     np.testing.assert_array_equal(stats, h.to_numpy(bn.moving_mean))
     assert not np.array_equal(kernel, h.to_numpy(inner.get_layer("d_inner").kernel))
@@ -291,12 +299,10 @@ def test_save_and_load_keeps_modes_and_weights(mode: str, tmp_path: Any) -> None
     bnfreeze.freeze(model, "base", bn_mode=mode)
     path = str(tmp_path / "frozen.keras")
     model.save(path)
-    loaded = keras.models.load_model(path, safe_mode=True) if not IS_TF_KERAS else (
-        keras.models.load_model(path, safe_mode=True)
-    )
+    loaded = keras.models.load_model(path, safe_mode=True)
     assert bnfreeze._freeze.frozen_modes(loaded) == bnfreeze._freeze.frozen_modes(model)
     before, after = h.snapshot(model), h.snapshot(loaded)
-    for (k1, v1), (k2, v2) in zip(before.items(), after.items()):
+    for (k1, v1), (k2, v2) in zip(before.items(), after.items(), strict=True):
         np.testing.assert_array_equal(v1, v2, err_msg=f"{k1} vs {k2}")
     h.compile_sgd(loaded, lr=0.0)
     bn = loaded.get_layer("base").get_layer("bn")
@@ -317,7 +323,7 @@ def test_weight_files_interchangeable_between_frozen_and_plain(tmp_path: Any) ->
     frozen.save_weights(path)
     plain = h.nested()
     plain.load_weights(path)
-    for a, b in zip(h.bn_layers(frozen), h.bn_layers(plain)):
+    for a, b in zip(h.bn_layers(frozen), h.bn_layers(plain), strict=True):
         np.testing.assert_array_equal(h.to_numpy(a.moving_mean), h.to_numpy(b.moving_mean))
 
 
@@ -348,7 +354,9 @@ def test_subclassed_save_load_keeps_weights_not_pins(tmp_path: Any) -> None:
     path = str(tmp_path / "sub.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(h.to_numpy(loaded.bn.moving_mean), h.to_numpy(model.bn.moving_mean))
+    np.testing.assert_array_equal(
+        h.to_numpy(loaded.bn.moving_mean), h.to_numpy(model.bn.moving_mean)
+    )
     assert bnfreeze._freeze.frozen_modes(loaded) == {}
     bnfreeze.freeze(loaded, bn_mode="adapt")
     assert bnfreeze._freeze.frozen_modes(loaded) == {"bn": "adapt"}
@@ -381,15 +389,24 @@ def _base(kind: str) -> Any:
         return keras.Model(inputs, out, name="base")
     if kind == "sequential":
         return keras.Sequential(
-            [keras.Input((6,)), keras.layers.Dense(8, name="d"),
-             keras.layers.BatchNormalization(name="bn")], name="base")
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, name="d"),
+                keras.layers.BatchNormalization(name="bn"),
+            ],
+            name="base",
+        )
     base = (_BaseWithTraining if kind == "subclassed" else _BaseWithoutTraining)(name="base")
     base(h.data((6,)))
     return base
 
 
-@pytest.mark.parametrize("target", ["outer", "base"], ids=["freeze_outer_path", "freeze_base_itself"])
-@pytest.mark.parametrize("base_kind", ["functional", "sequential", "subclassed", "subclassed_no_training"])
+@pytest.mark.parametrize(
+    "target", ["outer", "base"], ids=["freeze_outer_path", "freeze_base_itself"]
+)
+@pytest.mark.parametrize(
+    "base_kind", ["functional", "sequential", "subclassed", "subclassed_no_training"]
+)
 @pytest.mark.parametrize("mode", ["inference", "adapt"])
 def test_guide_pattern_every_base_kind(base_kind: str, mode: str, target: str) -> None:
     """KERAS_FACTS rows: base(x, training=False) for every base kind, base unfrozen afterwards.

@@ -30,9 +30,9 @@ def _check_mode(model: Any, mode: str, x: Any, y: Any) -> None:
     stats, gammas = _stats(model), _gammas(model)
     _fit_once(model, x, y)
     spec = MODES[mode]
-    for before, after in zip(stats, _stats(model)):
+    for before, after in zip(stats, _stats(model), strict=True):
         assert (not np.array_equal(before, after)) == spec.batch_statistics
-    for before, after in zip(gammas, _gammas(model)):
+    for before, after in zip(gammas, _gammas(model), strict=True):
         assert (not np.array_equal(before, after)) == spec.trains_affine
 
 
@@ -91,7 +91,8 @@ def test_mirrored_strategy(mode: str) -> None:
     replicas_before = [h.to_numpy(v).copy() for v in _replica_values(bn.moving_mean)]
     fit_loss = _fit_once(model, x, y)
     replicas_after = [h.to_numpy(v) for v in _replica_values(bn.moving_mean)]
-    changed = [not np.array_equal(a, b) for a, b in zip(replicas_before, replicas_after)]
+    pairs = zip(replicas_before, replicas_after, strict=True)
+    changed = [not np.array_equal(a, b) for a, b in pairs]
     if MODES[mode].batch_statistics:
         assert all(changed)
     else:
@@ -110,10 +111,18 @@ def _replica_values(variable: Any) -> list[Any]:
 # --- keras.applications ------------------------------------------------------------------
 
 APPS = {
-    "ResNet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=3),
-    "MobileNetV2": lambda: keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=3),
-    "EfficientNetB0": lambda: keras.applications.EfficientNetB0(weights=None, input_shape=(64, 64, 3), classes=3),
-    "DenseNet121": lambda: keras.applications.DenseNet121(weights=None, input_shape=(64, 64, 3), classes=3),
+    "ResNet50": lambda: keras.applications.ResNet50(
+        weights=None, input_shape=(64, 64, 3), classes=3
+    ),
+    "MobileNetV2": lambda: keras.applications.MobileNetV2(
+        weights=None, input_shape=(64, 64, 3), classes=3
+    ),
+    "EfficientNetB0": lambda: keras.applications.EfficientNetB0(
+        weights=None, input_shape=(64, 64, 3), classes=3
+    ),
+    "DenseNet121": lambda: keras.applications.DenseNet121(
+        weights=None, input_shape=(64, 64, 3), classes=3
+    ),
 }
 
 
@@ -121,7 +130,7 @@ def _realistic_statistics(model: Any, x: np.ndarray) -> None:
     """Moving statistics = moments of each BN's input on generated images (one pass each)."""
     bns = h.bn_layers(model)
     probe = keras.Model(model.inputs, [bn.input for bn in bns])
-    for bn, act in zip(bns, probe.predict(x, verbose=0)):
+    for bn, act in zip(bns, probe.predict(x, verbose=0), strict=True):
         axes = tuple(i for i in range(act.ndim) if i != act.ndim - 1)
         bn.moving_mean.assign(act.mean(axis=axes))
         bn.moving_variance.assign(act.var(axis=axes))

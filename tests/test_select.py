@@ -71,13 +71,31 @@ def test_layer_holding_a_batch_norm_is_descended() -> None:
 @pytest.mark.parametrize(
     ("selector", "expected"),
     [
-        (None, ["middle/inner/d_inner", "middle/inner/bn_inner", "middle/bn_middle", "bn_outer", "head"]),
+        (
+            None,
+            [
+                "middle/inner/d_inner",
+                "middle/inner/bn_inner",
+                "middle/bn_middle",
+                "bn_outer",
+                "head",
+            ],
+        ),
         ("middle", ["middle/inner/d_inner", "middle/inner/bn_inner", "middle/bn_middle"]),
         ("*bn_*", ["middle/inner/bn_inner", "middle/bn_middle", "bn_outer"]),
         (["head", "middle/inner/*"], ["middle/inner/d_inner", "middle/inner/bn_inner", "head"]),
-        (lambda layer: layer.name.startswith("bn_"), ["middle/inner/bn_inner", "middle/bn_middle", "bn_outer"]),
-        (bnfreeze.up_to("middle/inner/bn_inner"), ["middle/inner/d_inner", "middle/inner/bn_inner"]),
-        (bnfreeze.up_to("bn_outer"), ["middle/inner/d_inner", "middle/inner/bn_inner", "middle/bn_middle", "bn_outer"]),
+        (
+            lambda layer: layer.name.startswith("bn_"),
+            ["middle/inner/bn_inner", "middle/bn_middle", "bn_outer"],
+        ),
+        (
+            bnfreeze.up_to("middle/inner/bn_inner"),
+            ["middle/inner/d_inner", "middle/inner/bn_inner"],
+        ),
+        (
+            bnfreeze.up_to("bn_outer"),
+            ["middle/inner/d_inner", "middle/inner/bn_inner", "middle/bn_middle", "bn_outer"],
+        ),
     ],
     ids=["none", "container", "glob", "list", "predicate", "up_to_path", "up_to_name"],
 )
@@ -92,7 +110,10 @@ def test_layer_object_selector() -> None:
     model = h.nested()
     nodes = walk(model)
     inner = model.get_layer("middle").get_layer("inner")
-    assert [n.path for n in select(nodes, inner)] == ["middle/inner/d_inner", "middle/inner/bn_inner"]
+    assert [n.path for n in select(nodes, inner)] == [
+        "middle/inner/d_inner",
+        "middle/inner/bn_inner",
+    ]
     assert [n.path for n in select(nodes, model.get_layer("head"))] == ["head"]
 
 
@@ -103,7 +124,7 @@ def test_up_to_ambiguous_name() -> None:
     o = keras.Input((3,))
     model = keras.Model(o, keras.layers.Dense(3, name="x")(inner(o)), name="outer")
     # two layers named "same" would need two models; rename to force ambiguity
-    model.get_layer("x").name  # noqa: B018 - the layer exists
+    model.get_layer("x").name
     nodes = walk(model)
     assert [n.path for n in select(nodes, bnfreeze.up_to("same"))] == ["inner/same"]
 
@@ -163,7 +184,9 @@ def test_random_nested_models_round_trip(spec: Any, mode: str) -> None:
     config = model.get_config()
     bnfreeze.freeze(model, bn_mode=mode)
     frozen_paths = set(bnfreeze._freeze.frozen_modes(model))
-    assert {p for p in paths if p.rsplit("/", 1)[-1] in _names_of(model, "BatchNormalization")} <= frozen_paths
+    assert {
+        p for p in paths if p.rsplit("/", 1)[-1] in _names_of(model, "BatchNormalization")
+    } <= frozen_paths
     bnfreeze.unfreeze(model)
     assert model.get_config() == config
 
