@@ -170,7 +170,7 @@ _COMMANDS = {"audit": _cmd_audit, "demo": _cmd_demo}
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it).
 
-    Example:
+    Examples:
         >>> main(["audit", "no-such-model.keras"])  # prints a one-line error on stderr
         2
     """

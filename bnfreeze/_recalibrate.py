@@ -114,7 +114,7 @@ def recalibrate(
         steps: Read at most this many batches (per pass). Required for an infinite
             dataset.
         layers: Which BN layers to recalibrate, with the selectors of
-            :func:`bnfreeze.freeze` (``None`` is every BN layer; selected layers that
+            [`freeze`][bnfreeze.freeze] (``None`` is every BN layer; selected layers that
             are not BN are ignored).
         upstream: ``"batch"`` or ``"recalibrated"``, see above.
         verbose: ``"auto"`` (= 1), 0 (silent), 1 (progress bar) or 2 (one line per
@@ -134,7 +134,7 @@ def recalibrate(
 
     Every check of the arguments, the model and the first batch runs before the pass.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnfreeze
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="d"),
         ...                           keras.layers.BatchNormalization(name="bn")])
