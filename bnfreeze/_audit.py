@@ -773,6 +773,7 @@ def _graph_training_findings(ctx: _Context) -> list[Finding]:
                 for r in ctx.rows
                 if (r.path == node.path or r.path.startswith(node.path + "/"))
                 and not is_pinned(r.layer)
+                and not _is_inert(r.layer)
             ]
             behaviour = [r.fit if passed else r.evaluate for r in inside]
             if recorded is False and not any(b.phase == "training" for b in behaviour):
@@ -831,7 +832,9 @@ def _leak_findings(ctx: _Context) -> list[Finding]:
             sources.append(node)
             if explicit or not earlier or is_pinned(node.layer) or _fully_pinned(ctx, node):
                 continue
-            if not depends_on_phase(node.layer) and not node.is_container:
+            if not node.is_container and (
+                not depends_on_phase(node.layer) or _is_inert(node.layer)
+            ):
                 continue
             source = earlier[-1]
             found.append(
@@ -1031,6 +1034,8 @@ def _signature_default_findings(ctx: _Context) -> list[Finding]:
         recorded = record.recorded_training
         if not isinstance(default, bool) or recorded is None or recorded != default:
             continue
+        if _is_inert(layer):
+            continue  # e.g. an LSTM without dropout: its phase changes nothing
         if default:
             effect = "it runs its training behaviour (e.g. augments) in evaluate and predict"
             active = record.evaluate.phase == "training"

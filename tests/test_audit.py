@@ -478,6 +478,18 @@ def test_recorded_training_true_on_augmentation_matches_real_predict() -> None:
     assert leak == ([("training-leak", "bn")] if updated else [])
 
 
+def test_layers_whose_phase_changes_nothing_raise_no_findings() -> None:
+    """An LSTM without dropout (rate 0) is a row, but no finding is about it."""
+    inputs = keras.Input((4, 6))
+    h = L.LSTM(3, return_sequences=True, name="plain")(inputs)
+    h = L.LSTM(3, dropout=0.2, name="with_dropout")(h)
+    report = bnfreeze.audit(keras.Model(inputs, h))
+    assert {r.path for r in report.rows} == {"plain", "with_dropout"}
+    messages = " ".join(f.message for f in report.findings)
+    assert "plain" not in messages
+    assert ("with_dropout (training=False)" in messages) is K315
+
+
 # --- rows --------------------------------------------------------------------------------
 
 
