@@ -60,7 +60,7 @@ def tests(session: nox.Session, flavour: str) -> None:
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     """ruff (lint and format) and mypy on the package."""
-    session.install("ruff", "mypy", "numpy", "nox")
+    session.install("ruff==0.17.6", "mypy==2.4.1", "numpy", "nox")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")

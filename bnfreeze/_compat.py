@@ -121,11 +121,22 @@ def register_serialized_name(cls: type, registered_name: str) -> None:
 
 
 def reset_compiled_functions(model: Any) -> None:
-    """Drop cached train/test/predict functions so the next call traces the new behaviour."""
+    """Make the next ``fit``/``evaluate``/``predict`` see what bnfreeze just changed.
+
+    Drops the cached train/test/predict functions so they are traced again. tf-keras also
+    records every layer's ``trainable`` flag at ``compile()`` and puts those flags back
+    during ``fit`` (``RespectCompiledTrainableState``), which would silently undo a
+    ``freeze`` made after ``compile``; that record is brought up to date as well.
+    """
     for attr in ("train_function", "test_function", "predict_function"):
         if getattr(model, attr, None) is not None:
             with contextlib.suppress(AttributeError):  # read-only on exotic models
                 setattr(model, attr, None)
+    if IS_TF_KERAS and getattr(model, "_is_compiled", False):
+        get_state = getattr(model, "_get_trainable_state", None)
+        if callable(get_state) and hasattr(model, "_compiled_trainable_state"):
+            # As compile() does it: without attribute tracking (a WeakKeyDictionary).
+            object.__setattr__(model, "_compiled_trainable_state", get_state())
 
 
 def run_updates_even_if_frozen(updates: Any) -> None:

@@ -201,9 +201,12 @@ def freeze(
     layers are frozen reports ``trainable=False`` itself, so ``base.trainable = True``
     unfreezes its weights.
 
-    Freeze before ``compile()``. The model's cached train/test/predict functions are
-    dropped so the next call traces the new behaviour; if the model was already trained,
-    compile it again so the optimizer sees the new set of trainable weights.
+    Freeze before ``compile()``, or compile again afterwards. On a compiled model the
+    cached train/test/predict functions are dropped (and tf-keras's record of the
+    compile-time ``trainable`` flags is updated), so the next ``fit`` already follows the
+    freeze. An optimizer that has already taken a step only knows the variables it was
+    built with: after ``unfreeze`` on a trained model, ``compile`` again (Keras refuses
+    the new variables otherwise).
 
     Args:
         model: A built ``keras.Model`` (Sequential, functional, subclassed, nested).

@@ -465,3 +465,20 @@ def test_exotic_bn_settings_follow_mode_and_round_trip(mode: str) -> None:
     bnfreeze.unfreeze(model)
     assert model.get_config() == config
     assert h.snapshot(model).keys() == before.keys()
+
+
+def test_freeze_after_compile_and_fit_takes_effect() -> None:
+    """Freezing a compiled, already trained model holds at the next fit (no recompile)."""
+    model = h.functional()
+    h.set_far_statistics(model)
+    h.compile_sgd(model, lr=0.5)
+    x, y = h.inputs_for(model), h.targets_for(model)
+    _one_step(model, x, y)
+    bnfreeze.freeze(model, ["dense", "bn"])
+    kernel = h.to_numpy(model.get_layer("dense").kernel).copy()
+    stats = h.to_numpy(model.get_layer("bn").moving_mean).copy()
+    head = h.to_numpy(model.get_layer("head").kernel).copy()
+    _one_step(model, x, y)
+    np.testing.assert_array_equal(kernel, h.to_numpy(model.get_layer("dense").kernel))
+    np.testing.assert_array_equal(stats, h.to_numpy(model.get_layer("bn").moving_mean))
+    assert not np.array_equal(head, h.to_numpy(model.get_layer("head").kernel))
