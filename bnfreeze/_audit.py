@@ -59,7 +59,7 @@ from bnfreeze._compat import (
     stateless_scope,
     trace_graph,
     trainer_forward,
-    variable_handle,
+    variable_handles,
     variable_path,
 )
 from bnfreeze._errors import BNFreezeError, FindingsError, ModelError, SelectionError
@@ -587,9 +587,10 @@ class _Tracer:
         names: dict[int, set[str]] = {}
         for layer_id, variables in self.state.items():
             for v in variables:
-                name = by_handle.get(id(variable_handle(v)))
-                if name is not None:
-                    names.setdefault(layer_id, set()).add(name)
+                for handle in variable_handles(v):
+                    name = by_handle.get(id(handle))
+                    if name is not None:
+                        names.setdefault(layer_id, set()).add(name)
         return names
 
 

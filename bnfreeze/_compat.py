@@ -284,12 +284,19 @@ def variable_path(variable: Any) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
-def variable_handle(variable: Any) -> Any:
-    """The TensorFlow resource handle behind a Keras variable (what a graph captures)."""
-    value = getattr(variable, "value", None)
-    if not IS_TF_KERAS and value is not None and hasattr(value, "handle"):
-        return value.handle
-    return getattr(variable, "handle", None)
+def variable_handles(variable: Any) -> list[Any]:
+    """The TensorFlow resource handles behind a Keras variable (what a graph captures).
+
+    One handle for a plain variable; one per replica for a distributed (mirrored)
+    variable, whose own ``handle`` is not available in the cross-replica context.
+    """
+    tf_variable = variable
+    if not IS_TF_KERAS:
+        tf_variable = getattr(variable, "value", variable)
+    components = getattr(tf_variable, "values", None)
+    if isinstance(components, (list, tuple)):
+        return [getattr(c, "handle", None) for c in components]
+    return [getattr(tf_variable, "handle", None)]
 
 
 def state_variables(model: Any) -> list[Any]:
