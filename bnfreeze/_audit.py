@@ -63,7 +63,7 @@ from bnfreeze._compat import (
     variable_path,
 )
 from bnfreeze._errors import BNFreezeError, FindingsError, ModelError, SelectionError
-from bnfreeze._freeze import check_model
+from bnfreeze._freeze import check_model, fully_pinned
 from bnfreeze._layers import is_pinned, original_class, pinned_mode
 from bnfreeze._modes import MODES
 from bnfreeze._walk import Node, depends_on_phase, is_batch_norm, walk
@@ -745,18 +745,11 @@ def _effective_received(ctx: _Context, seen_map: dict[int, _Seen], node: Node) -
     return _UNSET
 
 
-def _fully_pinned(ctx: _Context, node: Node) -> bool:
-    if not node.is_container:
-        return is_pinned(node.layer)
-    inside = [r for r in ctx.rows if r.path.startswith(node.path + "/")]
-    return bool(inside) and all(is_pinned(r.layer) for r in inside)
-
-
 def _graph_training_findings(ctx: _Context) -> list[Finding]:
     found = []
     for node in ctx.nodes:
         recorded = _recorded_value(node.layer)
-        if recorded is None or _fully_pinned(ctx, node):
+        if recorded is None or fully_pinned(node, ctx.nodes):
             continue
         if not node.is_container and recorded == _signature_default(node.layer):
             continue  # the signature-default hazard, reported separately
@@ -831,7 +824,7 @@ def _leak_findings(ctx: _Context) -> list[Finding]:
             explicit = _recorded_value(node.layer) is not None
             earlier = [s for s in sources if not node.path.startswith(s.path + "/")]
             sources.append(node)
-            if explicit or not earlier or is_pinned(node.layer) or _fully_pinned(ctx, node):
+            if explicit or not earlier or is_pinned(node.layer) or fully_pinned(node, ctx.nodes):
                 continue
             if not node.is_container and (
                 not depends_on_phase(node.layer) or _is_inert(node.layer)

@@ -22,7 +22,14 @@ from bnfreeze._compat import (
     stripped_nodes,
 )
 from bnfreeze._errors import ModelError, UnsupportedLayerError
-from bnfreeze._layers import is_pinned, original_class, pin, pinned_mode, unpin
+from bnfreeze._layers import (
+    is_pinned,
+    original_class,
+    overridden_phase_method,
+    pin,
+    pinned_mode,
+    unpin,
+)
 from bnfreeze._modes import PINNED_INFERENCE, BNMode, check_mode
 from bnfreeze._select import Selector, select
 from bnfreeze._walk import Node, depends_on_phase, descendants, is_batch_norm, walk
@@ -64,28 +71,16 @@ def _check_supported(steps: list[_Step]) -> None:
         layer = step.node.layer
         if not is_batch_norm(layer):
             continue
-        base = original_class(layer)
-        if base is layer.__class__ and is_pinned(layer):  # pragma: no cover - defensive
-            continue
-        custom = [
-            name for name in ("call", "_get_training_value") if _defines_beyond_keras(base, name)
-        ]
-        if custom:
+        method = overridden_phase_method(layer)
+        if method is not None:
             raise UnsupportedLayerError(
-                f"Layer {step.node.path!r} is a {base.__name__}, a BatchNormalization variant "
-                f"that overrides `{custom[0]}`, so bnfreeze cannot guarantee which statistics "
+                f"Layer {step.node.path!r} is a {original_class(layer).__name__}, a "
+                f"BatchNormalization variant that overrides `{method}`, so bnfreeze cannot "
+                "guarantee which statistics "
                 "it uses. Expected keras.layers.BatchNormalization (or a subclass that only "
                 "changes its constructor or config). Leave it out of `layers=` (for example "
                 f"with a predicate), or replace it with a standard BatchNormalization."
             )
-
-
-def _defines_beyond_keras(cls: type, name: str) -> bool:
-    for klass in cls.__mro__:
-        if name in vars(klass):
-            module = klass.__module__ or ""
-            return not module.startswith(("keras.", "tf_keras.", "bnfreeze."))
-    return False
 
 
 def _final_trainable(
@@ -122,7 +117,8 @@ def _apply(model: Any, nodes: list[Node], steps: dict[int, _Step], final: dict[i
     reset_compiled_functions(model)
 
 
-def _fully_pinned(node: Node, nodes: list[Node]) -> bool:
+def fully_pinned(node: Node, nodes: list[Node]) -> bool:
+    """True when ``node``'s phase-dependent layers (all of them, at least one) are pinned."""
     if not node.is_container:
         return is_pinned(node.layer)
     below = nodes if node.path == "" else descendants(nodes, node.path)
@@ -141,7 +137,7 @@ def _sync_recorded_training(model: Any, nodes: list[Node]) -> None:
     base that an outer graph calls with ``training=False`` fixes that call.
     """
     for node in [Node("", model, None, 0, True), *nodes]:
-        if _fully_pinned(node, nodes):
+        if fully_pinned(node, nodes):
             for graph_node, value in recorded_training(node.layer):
                 graph_node._bnfreeze_training = value
                 set_recorded_training(graph_node, _MISSING)

@@ -56,6 +56,24 @@ def original_class(layer: Any) -> Any:
     return base if base is not None else type(layer)
 
 
+def overridden_phase_method(layer: Any) -> str | None:
+    """The BN method a custom subclass overrides that bnfreeze relies on, or ``None``.
+
+    bnfreeze decides a BatchNormalization's statistics through Keras's own ``call``
+    (and tf-keras's ``_get_training_value``); a subclass outside Keras that overrides
+    one of them may use other statistics, so freeze and recalibrate refuse it.
+    """
+    base = original_class(layer)
+    for name in ("call", "_get_training_value"):
+        for klass in base.__mro__:
+            if name in vars(klass):
+                module = klass.__module__ or ""
+                if not module.startswith(("keras.", "tf_keras.", "bnfreeze.")):
+                    return name
+                break
+    return None
+
+
 def pin(layer: Any, mode: str) -> None:
     """Pin ``layer`` in ``mode`` in place (idempotent; switches the mode when pinned)."""
     cls = _generated_class(original_class(layer))

@@ -27,7 +27,8 @@ import tensorflow as tf
 
 from bnfreeze._compat import IS_TF_KERAS, keras
 from bnfreeze._errors import DataError, SelectionError, UnsupportedLayerError
-from bnfreeze._freeze import _defines_beyond_keras, check_model
+from bnfreeze._freeze import check_model
+from bnfreeze._layers import original_class, overridden_phase_method
 from bnfreeze._select import Selector, select
 from bnfreeze._walk import Node, depends_on_phase, is_batch_norm, walk
 
@@ -228,20 +229,16 @@ def _targets(nodes: list[Node], layers: Selector) -> list[Node]:
             "Expected a selection containing at least one BatchNormalization layer."
         )
     for node in targets:
-        base = _real_class(node.layer)
-        custom = [m for m in ("call", "_get_training_value") if _defines_beyond_keras(base, m)]
-        if custom:
+        method = overridden_phase_method(node.layer)
+        if method is not None:
             raise UnsupportedLayerError(
-                f"Layer {node.path!r} is a {base.__name__}, a BatchNormalization variant that "
-                f"overrides `{custom[0]}`, so bnfreeze cannot tell which statistics it needs. "
+                f"Layer {node.path!r} is a {original_class(node.layer).__name__}, a "
+                f"BatchNormalization variant that overrides `{method}`, so bnfreeze cannot "
+                "tell which statistics it needs. "
                 "Expected keras.layers.BatchNormalization (or a subclass that only changes its "
                 "constructor or config). Leave it out of `layers=`."
             )
     return targets
-
-
-def _real_class(layer: Any) -> type:
-    return getattr(type(layer), "_bnfreeze_base", None) or type(layer)
 
 
 # --- data ------------------------------------------------------------------------------
@@ -774,7 +771,7 @@ class _Runner:
             n.layer
             for n in nodes
             if is_batch_norm(n.layer)
-            and (id(n.layer) in target_ids or not _overrides_call(n.layer))
+            and (id(n.layer) in target_ids or overridden_phase_method(n.layer) is None)
         ]
         self.index = {id(n.layer): i for i, n in enumerate(targets)}
         tracked = {
@@ -1009,11 +1006,6 @@ def _ancestors(probes: list[tuple[int, tf.Tensor, tf.Tensor]], count: int) -> li
     return masks
 
 
-def _overrides_call(layer: Any) -> bool:
-    base = _real_class(layer)
-    return any(_defines_beyond_keras(base, m) for m in ("call", "_get_training_value"))
-
-
 def _is_multi_worker(strategy: Any) -> bool:
     extended = getattr(strategy, "extended", None)
     return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
@@ -1030,7 +1022,7 @@ def _state_variables(nodes: list[Node]) -> list[Any]:
         if node.is_container:
             continue
         layer = node.layer
-        module = _real_class(layer).__module__ or ""
+        module = original_class(layer).__module__ or ""
         if module.startswith(("keras.", "tf_keras.")) and not depends_on_phase(layer):
             continue
         for variable in layer.non_trainable_variables:
