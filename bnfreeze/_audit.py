@@ -513,7 +513,7 @@ class _Tracer:
 
         seen = self.current.get(id(layer))
         first = seen is None
-        if first:
+        if seen is None:
             seen = self.current[id(layer)] = _Seen()
             seen.order = self.counter
             self.counter += 1
@@ -523,7 +523,6 @@ class _Tracer:
         is_row = id(layer) in self.row_ids
         if not (first and is_row):
             return original(*args, **kwargs)
-        assert seen is not None
         seen.input_shape = _first_shape(args)
         if is_batch_norm(layer):
             mode = pinned_mode(layer)
