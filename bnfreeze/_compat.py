@@ -100,7 +100,6 @@ def _is_input_layer(layer: Any) -> bool:
 
 def is_foreign_keras_object(obj: Any) -> str | None:
     """Name the other Keras flavour when ``obj`` is a model or layer of it, else ``None``."""
-    module = type(obj).__module__ or ""
     for klass in type(obj).__mro__:
         module = klass.__module__ or ""
         if IS_TF_KERAS and module.startswith("keras.") and klass.__name__ == "Layer":

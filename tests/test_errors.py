@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze._compat import flavour_label, keras
+from bnfreeze._compat import IS_TF_KERAS, flavour_label, keras
 from tests import helpers as h
 
 
@@ -166,3 +166,19 @@ def test_keep_dropout_must_be_bool() -> None:
 def test_flavour_label_names_the_installed_keras() -> None:
     """Errors about flavours name the installed one; the label reflects keras.__version__."""
     assert flavour_label().endswith(keras.__version__)
+
+
+@pytest.mark.skipif(not IS_TF_KERAS, reason="needs both flavours importable (the tf-keras venv)")
+def test_model_of_the_other_flavour_names_the_fix() -> None:
+    """A Keras 3 model while bnfreeze runs on tf-keras: the error says which variable to set."""
+    import keras as keras3  # Keras 3, installed beside tf-keras by TensorFlow
+
+    model = keras3.Sequential([keras3.Input((2,)), keras3.layers.Dense(1)])
+    with pytest.raises(bnfreeze.ModelError) as info:
+        bnfreeze.freeze(model)
+    assert str(info.value) == (
+        "`freeze` received a model of Keras 3 (`import keras`), but bnfreeze is running on "
+        f"{flavour_label()}. Expected a model of the installed flavour: set "
+        "TF_USE_LEGACY_KERAS=1 before importing TensorFlow and bnfreeze to use tf-keras, or "
+        "unset it to use Keras 3."
+    )
