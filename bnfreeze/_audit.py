@@ -247,11 +247,15 @@ class AuditReport:
         self.rows = rows
         self.findings = findings
 
-    def __repr__(self) -> str:
+    def _counts(self) -> str:
+        rows, found = len(self.rows), len(self.findings)
         return (
-            f"<AuditReport model={self.model_name!r} ({self.flavour}): {len(self.rows)} "
-            f"phase-dependent layers, {len(self.findings)} findings>"
+            f"{rows} phase-dependent layer{'' if rows == 1 else 's'}, "
+            f"{found} finding{'' if found == 1 else 's'}"
         )
+
+    def __repr__(self) -> str:
+        return f"<AuditReport model={self.model_name!r} ({self.flavour}): {self._counts()}>"
 
     @property
     def ok(self) -> bool:
@@ -331,10 +335,7 @@ class AuditReport:
         return [header, *body]
 
     def __str__(self) -> str:
-        lines = [
-            f"audit of model {self.model_name!r} ({self.flavour}): {len(self.rows)} "
-            f"phase-dependent layers, {len(self.findings)} findings"
-        ]
+        lines = [f"audit of model {self.model_name!r} ({self.flavour}): {self._counts()}"]
         if self.rows:
             table = self._table()
             widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -370,8 +371,7 @@ class AuditReport:
         )
         return (
             f"<div><p>audit of model <code>{esc(self.model_name)}</code> "
-            f"({esc(self.flavour)}): {len(self.rows)} phase-dependent layers, "
-            f"{len(self.findings)} findings</p>"
+            f"({esc(self.flavour)}): {esc(self._counts())}</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
             + (f"<ul>{findings}</ul>" if findings else "<p>no findings</p>")
             + "</div>"
