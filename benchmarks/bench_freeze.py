@@ -137,19 +137,22 @@ def bench_fit_step(size: int, batch: int, reps: int) -> dict[str, Any]:
     copy_weights(model_a, model_b)
     results: dict[str, Any] = {}
 
+    def measure() -> dict[str, Any]:
+        """Compile both, trace and warm up, time interleaved steps, compare the graphs."""
+        compile_model(model_a)
+        compile_model(model_b)
+        for _ in range(2):
+            model_a.train_on_batch(x, y)
+            model_b.train_on_batch(x, y)
+        ta, tb = interleaved(
+            lambda: model_a.train_on_batch(x, y), lambda: model_b.train_on_batch(x, y), reps
+        )
+        return {**summary(ta, tb), "graph": same_graph(model_a, model_b, x[:2], y[:2])}
+
     # Frozen: bnfreeze.freeze(base) versus base.trainable = False.
     bnfreeze.freeze(base_a)
     base_b.trainable = False
-    compile_model(model_a)
-    compile_model(model_b)
-    for _ in range(2):  # trace and warm up
-        model_a.train_on_batch(x, y)
-        model_b.train_on_batch(x, y)
-    ta, tb = interleaved(
-        lambda: model_a.train_on_batch(x, y), lambda: model_b.train_on_batch(x, y), reps
-    )
-    results["frozen"] = summary(ta, tb)
-    results["frozen"]["graph"] = same_graph(model_a, model_b, x[:2], y[:2])
+    results["frozen"] = measure()
 
     # Fine-tuning with BN in inference mode and gamma/beta frozen, the same trainable
     # variables on both sides: the pinned BN layers keep their moving statistics whatever
@@ -159,16 +162,7 @@ def bench_fit_step(size: int, batch: int, reps: int) -> dict[str, Any]:
         for node in walk(base):
             if is_batch_norm(node.layer):
                 node.layer.trainable = False
-    compile_model(model_a)
-    compile_model(model_b)
-    for _ in range(2):
-        model_a.train_on_batch(x, y)
-        model_b.train_on_batch(x, y)
-    ta, tb = interleaved(
-        lambda: model_a.train_on_batch(x, y), lambda: model_b.train_on_batch(x, y), reps
-    )
-    results["fine_tuning"] = summary(ta, tb)
-    results["fine_tuning"]["graph"] = same_graph(model_a, model_b, x[:2], y[:2])
+    results["fine_tuning"] = measure()
     results["fine_tuning"]["trainable_variables"] = [
         len(model_a.trainable_weights),
         len(model_b.trainable_weights),

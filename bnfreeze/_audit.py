@@ -57,6 +57,7 @@ from bnfreeze._compat import (
     recorded_training,
     state_variables,
     stateless_scope,
+    to_numpy,
     trace_graph,
     trainer_forward,
     variable_handles,
@@ -1287,12 +1288,6 @@ class PhaseComparison:
         return "\n".join(lines)
 
 
-def _np(value: Any) -> np.ndarray:
-    if hasattr(value, "numpy"):
-        return np.asarray(value.numpy())
-    return np.asarray(value)
-
-
 def _tensors(structure: Any) -> list[Any]:
     import tensorflow as tf
 
@@ -1339,7 +1334,7 @@ def _resolve(terms: list[Any]) -> list[float]:
         if term is not None:
             tensors.append(term[0])
             tensors.append(term[2] if term[2] is not None else tf.constant(0.0))
-    table = _np(tf.stack(tensors)).astype("float64") if tensors else np.zeros(0)
+    table = to_numpy(tf.stack(tensors)).astype("float64") if tensors else np.zeros(0)
     values, row = [], 0
     for term in terms:
         if term is None:
@@ -1367,7 +1362,7 @@ def _loss_value(model: Any, x: Any, y: Any, y_pred: Any, loss: Any, *, training:
         ]
         terms += [tf.reduce_sum(tf.cast(v, "float32")) for v in model.losses]
         value = tf.add_n(terms)
-    return float(_np(value))
+    return float(to_numpy(value))
 
 
 def _assign_all(variables: list[Any], values: list[np.ndarray]) -> None:
@@ -1445,7 +1440,7 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
     # restored (trainable weights are never written by a forward pass).
     stateless = stateless_scope() is not None
     variables = [] if stateless else [v for v in state_variables(model) if not v.trainable]
-    saved = [_np(v).copy() for v in variables]
+    saved = [to_numpy(v).copy() for v in variables]
 
     def no_updates() -> Any:
         return stateless_scope() or contextlib.nullcontext()

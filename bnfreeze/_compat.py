@@ -163,6 +163,14 @@ def learning_phase_default() -> Any:
 _MISSING = object()
 
 
+def to_numpy(value: Any) -> Any:
+    """A variable, tensor or array of any flavour as a numpy array of its own (a copy)."""
+    import numpy as np
+
+    numpy = getattr(value, "numpy", None)
+    return np.array(numpy() if callable(numpy) else value)
+
+
 def _node_kwargs(node: Any) -> Any:
     if IS_TF_KERAS:
         return getattr(node, "call_kwargs", None)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfreeze._compat import flavour_label, keras
+from bnfreeze._compat import flavour_label, keras, to_numpy
 from bnfreeze._walk import is_batch_norm, walk
 
 #: Relative tolerance under which the fit and evaluate losses count as the same number.
@@ -73,12 +73,6 @@ def _audit_dict(report: Any) -> Any:
         return None
     to_dict = getattr(report, "to_dict", None)
     return to_dict() if callable(to_dict) else str(report)
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    """A variable or eager tensor of any flavour as a numpy array (a copy)."""
-    numpy = getattr(value, "numpy", None)
-    return np.array(numpy() if callable(numpy) else value)
 
 
 # --- data ---------------------------------------------------------------------------
@@ -161,7 +155,7 @@ def _calibrating_call(bn: Any) -> Any:
     original = type(bn).call
 
     def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        values = _to_numpy(inputs).astype("float64")
+        values = to_numpy(inputs).astype("float64")
         axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
         channels = {a % values.ndim for a in axis}
         reduce = tuple(a for a in range(values.ndim) if a not in channels)
@@ -192,7 +186,7 @@ def train_head(model: Any, base: Any, x: np.ndarray, y: np.ndarray, target: floa
     """
     pool = model.get_layer("pool")
     head = model.get_layer("head")
-    features = _to_numpy(pool(base(x, training=False)))
+    features = to_numpy(pool(base(x, training=False)))
     # The head starts at zero (every class equally likely) and plain gradient descent on
     # the cross-entropy moves the logits by `rate * (p - onehot)` per step whatever the
     # scale of the features, so a few dozen steps reach the target loss.
@@ -223,8 +217,8 @@ def _moving_statistics(base: Any) -> list[np.ndarray]:
     out = []
     for node in walk(base):
         if is_batch_norm(node.layer):
-            out.append(_to_numpy(node.layer.moving_mean))
-            out.append(_to_numpy(node.layer.moving_variance))
+            out.append(to_numpy(node.layer.moving_mean))
+            out.append(to_numpy(node.layer.moving_variance))
     return out
 
 
@@ -268,7 +262,7 @@ def run(*, quick: bool = False, with_audit: bool = True) -> DemoResult:
     base.trainable = False
     steps = train_head(model, base, x, y, target=0.30)
     # Restored by variable (not by position: tf-keras orders `weights` by trainability).
-    saved = [(v, _to_numpy(v)) for v in model.weights]
+    saved = [(v, to_numpy(v)) for v in model.weights]
     result = DemoResult(
         flavour=flavour_label(),
         model="mini ResNet (--quick)" if quick else "ResNet50",
