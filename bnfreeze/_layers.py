@@ -204,7 +204,7 @@ def _generated_class(base: type) -> type:
         "__module__": __name__,
         "__doc__": f"{base.__name__} pinned by bnfreeze (see bnfreeze.freeze).",
     }
-    if is_batch_norm_class(base):
+    if issubclass(base, BN_BASE):
         members.update(_bn_members(base))
     else:
         members.update(_inference_members(base))
@@ -216,10 +216,6 @@ def _generated_class(base: type) -> type:
     register_serialized_name(cls, REGISTERED_NAME)
     _GENERATED[base] = cls
     return cls
-
-
-def is_batch_norm_class(cls: type) -> bool:
-    return issubclass(cls, BN_BASE)
 
 
 @keras.saving.register_keras_serializable(package="bnfreeze", name="Frozen")

@@ -112,11 +112,6 @@ def walk(model: Any, *, include_root: bool = False) -> list[Node]:
     return nodes
 
 
-def leaves(nodes: list[Node]) -> list[Node]:
-    """The nodes that are units (not containers)."""
-    return [n for n in nodes if not n.is_container]
-
-
 def descendants(nodes: list[Node], container_path: str) -> list[Node]:
     """Nodes strictly below ``container_path``."""
     prefix = container_path + "/"
