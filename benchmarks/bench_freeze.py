@@ -44,7 +44,8 @@ import numpy as np
 
 import bnfreeze
 from bnfreeze._compat import flavour_label, keras
-from bnfreeze._walk import is_batch_norm, walk
+from bnfreeze._kinds import is_batch_norm
+from bnfreeze._walk import walk
 
 L = keras.layers
 

@@ -49,25 +49,29 @@ from bnfreeze._compat import (
     fit_trainable_state,
     fit_trainable_variables,
     flavour_label,
+    forward_state_variables,
     has_compiled_loss,
     keras,
-    model_input_spec,
-    num_replicas,
-    ops_since,
     recorded_training,
-    state_variables,
     stateless_scope,
+    strategy_of,
     to_numpy,
-    trace_graph,
     trainer_forward,
-    variable_handles,
     variable_path,
 )
-from bnfreeze._errors import BNFreezeError, FindingsError, ModelError, SelectionError
-from bnfreeze._freeze import check_model, fully_pinned
-from bnfreeze._layers import is_pinned, original_class, pinned_mode
-from bnfreeze._modes import MODES
-from bnfreeze._walk import Node, depends_on_phase, is_batch_norm, walk
+from bnfreeze._data import batch_spec
+from bnfreeze._errors import ArgumentError, FindingsError, ModelError, SelectionError
+from bnfreeze._kinds import (
+    depends_on_phase,
+    is_batch_norm,
+    is_pinned,
+    original_class,
+    pinned_mode,
+)
+from bnfreeze._layers import intercepted
+from bnfreeze._modes import uses_batch_statistics
+from bnfreeze._trace import model_input_spec, ops_since, trace_graph, variable_handles
+from bnfreeze._walk import Node, check_model, fully_pinned, walk
 
 Phase = Literal["training", "inference"]
 Severity = Literal["error", "warning"]
@@ -296,7 +300,7 @@ class AuditReport:
             >>> bnfreeze.audit(bnfreeze.freeze(model)).raise_for_findings()  # no findings
         """
         if severity not in _SEVERITY_ORDER:
-            raise BNFreezeError(
+            raise ArgumentError(
                 f"Expected `severity` to be one of ('warning', 'error'). "
                 f"Received: severity={severity!r}."
             )
@@ -424,49 +428,6 @@ def _first_shape(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         return None
 
 
-class _Wrapped:
-    """Temporarily replace the ``call`` of some layers by a recording wrapper."""
-
-    def __init__(self, layers: list[Any], on_call: Any) -> None:
-        self._layers = layers
-        self._on_call = on_call
-        self._saved: list[tuple[Any, Any]] = []
-
-    def __enter__(self) -> _Wrapped:
-        try:
-            for layer in self._layers:
-                had = layer.__dict__.get("call", _UNSET)
-                original = layer.call
-                wrapper = self._wrapper(layer, original)
-                object.__setattr__(layer, "call", wrapper)
-                self._saved.append((layer, had))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def _wrapper(self, layer: Any, original: Any) -> Any:
-        try:
-            signature = inspect.signature(original)
-        except (TypeError, ValueError):  # pragma: no cover - builtins
-            signature = inspect.Signature()
-        on_call = self._on_call
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return on_call(layer, original, signature, args, kwargs)
-
-        call.__signature__ = signature  # type: ignore[attr-defined]
-        return call
-
-    def __exit__(self, *exc: Any) -> None:
-        while self._saved:
-            layer, had = self._saved.pop()
-            if had is _UNSET:
-                layer.__dict__.pop("call", None)
-            else:
-                object.__setattr__(layer, "call", had)
-
-
 def _own_variables(node: Node, row_ids: set[int]) -> list[Any]:
     """The layer's variables, minus those of the phase-dependent rows inside it."""
     inner: set[int] = set()
@@ -528,10 +489,10 @@ class _Tracer:
         if is_batch_norm(layer):
             mode = pinned_mode(layer)
             if mode is not None:
-                seen.batch_statistics = MODES[mode].batch_statistics and bool(seen.training)
+                seen.batch_statistics = uses_batch_statistics(mode, seen.training)
             else:
                 seen.batch_statistics = bn_uses_batch_statistics(layer, seen.training)
-        if is_batch_norm(layer) and bn_branch_decided_upfront(layer):
+        if is_batch_norm(layer) and bn_branch_decided_upfront(layer, original_class(layer)):
             # The flavour's own BatchNormalization.call decides its branch before any op
             # (Keras 3: ``training and self.trainable``; tf-keras: _get_training_value; a
             # pinned one: its mode), and its batch branch always writes both moving
@@ -552,7 +513,7 @@ class _Tracer:
         self.current = {}
         self.counter = 0
         model = self.model
-        replicas = num_replicas(model)
+        replicas = strategy_of(model).num_replicas_in_sync
 
         def forward(inputs: Any) -> Any:
             if replicas > 1:
@@ -572,7 +533,7 @@ class _Tracer:
     def run(self, spec: Any) -> _Observation:
         saved_losses = _save_losses(self.model)
         try:
-            with _Wrapped(self.watch, self.on_call):
+            with intercepted(self.watch, self.on_call):
                 fit, fit_graph = self._trace(spec, True)
                 infer, infer_graph = self._trace(spec, False)
         finally:
@@ -946,7 +907,7 @@ def _compile_findings(ctx: _Context) -> list[Finding]:
 
 
 def _replica_findings(ctx: _Context) -> list[Finding]:
-    replicas = num_replicas(ctx.model)
+    replicas = strategy_of(ctx.model).num_replicas_in_sync
     if replicas <= 1:
         return []
     found = []
@@ -1079,34 +1040,11 @@ def _signature_default_findings(ctx: _Context) -> list[Finding]:
 # --- audit -------------------------------------------------------------------------------
 
 
-def _spec_from(x: Any) -> Any:
-    import tensorflow as tf
-
-    def one(value: Any) -> Any:
-        array = value if hasattr(value, "shape") and hasattr(value, "dtype") else np.asarray(value)
-        dtype = tf.as_dtype(getattr(array.dtype, "name", array.dtype))
-        return tf.TensorSpec((None, *tuple(array.shape)[1:]), dtype)
-
-    if isinstance(x, tuple):
-        x = list(x)
-    return tf.nest.map_structure(one, x)
-
-
-def _with_batch(spec: Any, batch_size: int | None) -> Any:
-    import tensorflow as tf
-
-    if batch_size is None:
-        return spec
-    return tf.nest.map_structure(
-        lambda s: tf.TensorSpec((batch_size, *tuple(s.shape)[1:]), s.dtype), spec
-    )
-
-
 def _check_batch_size(batch_size: Any) -> None:
     if batch_size is not None and (
         not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
     ):
-        raise BNFreezeError(
+        raise ArgumentError(
             f"Expected `batch_size` to be a positive int or None. Received: "
             f"batch_size={batch_size!r}."
         )
@@ -1164,14 +1102,15 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
     """
     check_model(model, function="audit")
     _check_batch_size(batch_size)
-    spec = _spec_from(x) if x is not None else model_input_spec(model)
+    spec = batch_spec(x) if x is not None else model_input_spec(model)
     if spec is None:
         raise ModelError(
             f"Cannot tell the input shapes of model {model.name!r} ({type(model).__name__}). "
             "Expected a functional or Sequential model, or a sample input: pass "
             "bnfreeze.audit(model, x) with a batch of inputs (only its shapes are used)."
         )
-    spec = _with_batch(spec, batch_size)
+    if batch_size is not None:
+        spec = batch_spec(spec, batch_size)
     nodes = walk(model)
     row_nodes = [n for n in nodes if depends_on_phase(n.layer)]
     obs = _Tracer(model, nodes, row_nodes).run(spec)
@@ -1374,7 +1313,7 @@ def _phase_eager(layer: Any, training: Any) -> Phase:
     if is_batch_norm(layer):
         mode = pinned_mode(layer)
         if mode is not None:
-            return "training" if MODES[mode].batch_statistics and bool(training) else "inference"
+            return "training" if uses_batch_statistics(mode, training) else "inference"
         return "training" if bn_uses_batch_statistics(layer, training) else "inference"
     if is_pinned(layer):
         return "inference"
@@ -1439,7 +1378,7 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
     # has no such scope: everything a forward pass or loss can write is snapshotted and
     # restored (trainable weights are never written by a forward pass).
     stateless = stateless_scope() is not None
-    variables = [] if stateless else [v for v in state_variables(model) if not v.trainable]
+    variables = [] if stateless else [v for v in forward_state_variables(model) if not v.trainable]
     saved = [to_numpy(v).copy() for v in variables]
 
     def no_updates() -> Any:
@@ -1477,14 +1416,14 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
         # evaluate first: it normally changes nothing, so fit then starts from the same
         # state without a restore in between (only a layer in its training behaviour
         # under evaluate, e.g. hard-coded training=True, can change state).
-        with no_updates(), _Wrapped(watched, record_eval):
+        with no_updates(), intercepted(watched, record_eval):
             eval_out = trainer_forward(model, x, training=False)
             eval_loss = (
                 _loss_value(model, x, y, eval_out, loss, training=False) if y is not None else None
             )
         if variables and any(phase == "training" for _t, phase in eval_seen.values()):
             _assign_all(variables, saved)
-        with no_updates(), fit_trainable_state(model), _Wrapped(watched, record_fit):
+        with no_updates(), fit_trainable_state(model), intercepted(watched, record_fit):
             fit_out = trainer_forward(model, x, training=True)
             fit_loss = (
                 _loss_value(model, x, y, fit_out, loss, training=True) if y is not None else None

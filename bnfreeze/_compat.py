@@ -34,9 +34,40 @@ else:
 __all__ = [
     "BN_BASE",
     "FLAVOUR",
+    "FLOAT8_TRAINING_ONLY",
+    "HONOURS_GRAPH_TRAINING",
     "IS_TF_KERAS",
     "KERAS_VERSION",
+    "Layer",
+    "Model",
+    "bn_branch_decided_upfront",
+    "bn_uses_batch_statistics",
+    "compiled_loss_value",
+    "direct_sublayers",
+    "first_call_spec",
+    "fit_trainable_state",
+    "fit_trainable_variables",
+    "flavour_label",
+    "forward_state_variables",
+    "graph_nodes",
+    "has_compiled_loss",
+    "is_foreign_keras_object",
     "keras",
+    "learning_phase_default",
+    "recorded_training",
+    "register_serialized_name",
+    "remove_recorded_training",
+    "reset_compiled_functions",
+    "run_updates_even_if_frozen",
+    "set_recorded_training",
+    "stateless_scope",
+    "strategy_of",
+    "symbolic_inputs",
+    "tf_variable",
+    "to_numpy",
+    "trainer_forward",
+    "training_matters_only_for_float8",
+    "variable_path",
 ]
 
 
@@ -160,9 +191,6 @@ def learning_phase_default() -> Any:
     return False
 
 
-_MISSING = object()
-
-
 def to_numpy(value: Any) -> Any:
     """A variable, tensor or array of any flavour as a numpy array of its own (a copy)."""
     import numpy as np
@@ -177,10 +205,15 @@ def _node_kwargs(node: Any) -> Any:
     return getattr(getattr(node, "arguments", None), "kwargs", None)
 
 
+def graph_nodes(layer: Any) -> list[Any]:
+    """The graph nodes (calls recorded in functional graphs) of ``layer``."""
+    return list(getattr(layer, "_inbound_nodes", None) or [])
+
+
 def recorded_training(layer: Any) -> list[tuple[Any, Any]]:
     """``(node, value)`` for every graph node that calls ``layer`` with a recorded ``training=``."""
     found = []
-    for node in getattr(layer, "_inbound_nodes", []):
+    for node in graph_nodes(layer):
         kwargs = _node_kwargs(node)
         if isinstance(kwargs, dict) and "training" in kwargs:
             found.append((node, kwargs["training"]))
@@ -188,12 +221,20 @@ def recorded_training(layer: Any) -> list[tuple[Any, Any]]:
 
 
 def set_recorded_training(node: Any, value: Any) -> None:
-    """Record ``training=value`` in ``node``'s call, or remove it when ``value`` is ``_MISSING``."""
+    """Record ``training=value`` in ``node``'s call."""
     kwargs = dict(_node_kwargs(node))
-    if value is _MISSING:
-        kwargs.pop("training", None)
-    else:
-        kwargs["training"] = value
+    kwargs["training"] = value
+    _set_node_kwargs(node, kwargs)
+
+
+def remove_recorded_training(node: Any) -> None:
+    """Remove the ``training=`` recorded in ``node``'s call."""
+    kwargs = dict(_node_kwargs(node))
+    kwargs.pop("training", None)
+    _set_node_kwargs(node, kwargs)
+
+
+def _set_node_kwargs(node: Any, kwargs: dict[str, Any]) -> None:
     if not IS_TF_KERAS:
         from keras.src.ops.symbolic_arguments import SymbolicArguments
 
@@ -215,12 +256,7 @@ def set_recorded_training(node: Any, value: Any) -> None:
     node._keras_inputs_ids_and_indices = [(str(id(x)), i) for i, x in inputs]
 
 
-def stripped_nodes(layer: Any) -> list[Any]:
-    """Nodes calling ``layer`` whose recorded ``training=`` bnfreeze removed (and remembers)."""
-    return [n for n in getattr(layer, "_inbound_nodes", []) if hasattr(n, "_bnfreeze_training")]
-
-
-# --- helpers of bnfreeze._audit (observing fit/evaluate/predict without running them) -------
+# --- how fit, evaluate and predict call a model, and what they use ---------------------------
 
 
 def trainer_forward(model: Any, inputs: Any, *, training: bool) -> Any:
@@ -242,8 +278,6 @@ def fit_trainable_state(model: Any) -> Any:
     (``RespectCompiledTrainableState``); Keras 3 uses the current flags (a cached train
     function keeps its traced behaviour, see :func:`fit_trainable_variables`).
     """
-    import contextlib
-
     if IS_TF_KERAS and _tf_keras_compiled_state(model) is not None:
         from tf_keras.src.engine import training_utils
 
@@ -291,29 +325,12 @@ def variable_path(variable: Any) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
-def variable_handles(variable: Any) -> list[Any]:
-    """The TensorFlow resource handles behind a Keras variable (what a graph captures).
-
-    One handle for a plain variable; one per replica for a distributed (mirrored)
-    variable, whose own ``handle`` is not available in the cross-replica context.
-    """
-    tf_variable = variable
-    if not IS_TF_KERAS:
-        tf_variable = getattr(variable, "value", variable)
-    components = getattr(tf_variable, "values", None)
-    if isinstance(components, (list, tuple)):
-        return [getattr(c, "handle", None) for c in components]
-    return [getattr(tf_variable, "handle", None)]
-
-
-def state_variables(model: Any) -> list[Any]:
+def forward_state_variables(model: Any) -> list[Any]:
     """Every variable a forward pass or a loss computation may change.
 
     The model's variables (Keras 3 includes its layers' seed-generator states), its
     metrics' variables and Keras 3's global seed generator.
     """
-    import contextlib
-
     found: list[Any] = []
     seen: set[int] = set()
 
@@ -341,82 +358,59 @@ def state_variables(model: Any) -> list[Any]:
     return found
 
 
-def num_replicas(model: Any) -> int:
-    """Replicas in sync of the distribution strategy ``fit`` runs ``model`` under."""
+def strategy_of(model: Any) -> Any:
+    """The ``tf.distribute`` strategy ``fit`` runs ``model`` under (the default one if none).
+
+    A model created in ``strategy.scope()`` keeps its strategy; otherwise the strategy
+    whose scope is active now.
+    """
+    import tensorflow as tf
+
     strategy = getattr(model, "distribute_strategy", None)
-    return int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
+    return strategy if strategy is not None else tf.distribute.get_strategy()
 
 
-def model_input_spec(model: Any) -> Any:
-    """The nested ``tf.TensorSpec`` structure ``model`` is called with, or ``None``.
-
-    Functional and Sequential models know their inputs; a subclassed model knows the
-    shape of its first call (Keras 3 ``_build_shapes_dict``, tf-keras
-    ``_saved_model_inputs_spec``) when that was a single tensor.
-    """
-    import tensorflow as tf
-
-    def spec(tensor: Any) -> Any:
-        shape = tuple(tensor.shape)
-        dtype = getattr(tensor, "dtype", "float32")
-        return tf.TensorSpec(shape, tf.as_dtype(getattr(dtype, "name", dtype)))
-
-    struct = None
+def tf_variable(variable: Any) -> Any:
+    """The TensorFlow variable behind a Keras variable (Keras 3 wraps one; tf-keras is one)."""
     if IS_TF_KERAS:
-        struct = getattr(model, "_nested_inputs", None)
-        if struct is None:
-            saved = getattr(model, "_saved_model_inputs_spec", None)
-            if saved is not None:
-                return tf.nest.map_structure(
-                    lambda t: tf.TensorSpec((None, *tuple(t.shape)[1:]), t.dtype), saved
-                )
-    else:
-        struct = getattr(model, "_inputs_struct", None)
-        if struct is None:
-            functional = getattr(model, "_functional", None)
-            struct = getattr(functional, "_inputs_struct", None)
-        if struct is None:
-            shapes = getattr(model, "_build_shapes_dict", None) or {}
-            if len(shapes) == 1:
-                (shape,) = shapes.values()
-                if isinstance(shape, (tuple, list)) and all(
-                    d is None or isinstance(d, int) for d in shape
-                ):
-                    return tf.TensorSpec((None, *tuple(shape)[1:]), tf.float32)
-            return None
+        return variable
+    return getattr(variable, "value", variable)
+
+
+def symbolic_inputs(model: Any) -> Any:
+    """The nested structure of symbolic input tensors of a functional or Sequential model,
+    or ``None`` (a subclassed model)."""
+    if IS_TF_KERAS:
+        return getattr(model, "_nested_inputs", None)
+    struct = getattr(model, "_inputs_struct", None)
     if struct is None:
-        return None
-    return tf.nest.map_structure(spec, struct)
+        struct = getattr(getattr(model, "_functional", None), "_inputs_struct", None)
+    return struct
 
 
-def trace_graph(fn: Any, signature: Any) -> Any:
-    """Build (trace) ``fn(placeholders)`` into a fresh graph without executing anything.
+def first_call_spec(model: Any) -> Any:
+    """For a subclassed model: ``tf.TensorSpec`` (batch dimension ``None``) of the input of
+    its first call, or ``None`` when unknown.
 
-    A trace creates ops but runs none, so no variable, seed or optimizer state changes:
-    this is how ``fit``'s own ``tf.function`` sees the model before it first runs.
-    Returns the graph.
+    Keras 3 remembers a single tensor's shape (``_build_shapes_dict``; float32 assumed);
+    tf-keras the specs of its first call (``_saved_model_inputs_spec``).
     """
     import tensorflow as tf
-    from tensorflow.python.framework import func_graph
 
-    graph = func_graph.FuncGraph("bnfreeze_audit")
-    with graph.as_default():
-        placeholders = tf.nest.map_structure(
-            lambda s: tf.compat.v1.placeholder(s.dtype, s.shape), signature
+    if IS_TF_KERAS:
+        saved = getattr(model, "_saved_model_inputs_spec", None)
+        if saved is None:
+            return None
+        return tf.nest.map_structure(
+            lambda t: tf.TensorSpec((None, *tuple(t.shape)[1:]), t.dtype), saved
         )
-        fn(placeholders)
-    return graph
-
-
-def ops_since(graph: Any, start: int) -> list[Any]:
-    """The ops added to ``graph`` after it had ``start`` ops (``graph.version``)."""
-    found = []
-    for op_id in range(start + 1, graph.version + 1):
-        try:
-            found.append(graph._nodes_by_id[op_id])
-        except (KeyError, IndexError):  # pragma: no cover - ids are dense in practice
-            continue
-    return found
+    shapes = getattr(model, "_build_shapes_dict", None) or {}
+    if len(shapes) != 1:
+        return None
+    (shape,) = shapes.values()
+    if isinstance(shape, (tuple, list)) and all(d is None or isinstance(d, int) for d in shape):
+        return tf.TensorSpec((None, *tuple(shape)[1:]), tf.float32)
+    return None
 
 
 def bn_uses_batch_statistics(layer: Any, training: Any) -> bool:
@@ -450,14 +444,14 @@ def compiled_loss_value(model: Any, x: Any, y: Any, y_pred: Any, *, training: bo
     return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=None, training=training)
 
 
-def bn_branch_decided_upfront(layer: Any) -> bool:
-    """True for a BatchNormalization whose ``call`` is the flavour's own, without options
-    that change how its batch branch runs (renorm, synchronized, virtual batches,
-    adjustment): its branch is decided before any op (``bn_uses_batch_statistics``),
-    and the batch branch always writes both moving statistics (unless the layer itself
-    is frozen, when tf-keras skips them -- but then it never takes that branch).
+def bn_branch_decided_upfront(layer: Any, cls: Any) -> bool:
+    """True for a BatchNormalization of class ``cls`` (its class before bnfreeze pinned it)
+    whose ``call`` is the flavour's own, without options that change how its batch branch
+    runs (renorm, synchronized, virtual batches, adjustment): its branch is decided before
+    any op (``bn_uses_batch_statistics``), and the batch branch always writes both moving
+    statistics (unless the layer itself is frozen, when tf-keras skips them -- but then it
+    never takes that branch).
     """
-    cls = getattr(type(layer), "_bnfreeze_base", None) or type(layer)
     if IS_TF_KERAS:
         return (
             cls.call is _BNBase.call

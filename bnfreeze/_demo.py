@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from bnfreeze._compat import flavour_label, keras, to_numpy
-from bnfreeze._walk import is_batch_norm, walk
+from bnfreeze._kinds import is_batch_norm
+from bnfreeze._walk import walk
 
 #: Relative tolerance under which the fit and evaluate losses count as the same number.
 #: Both are float32 forward passes of the same weights, traced into different functions.

@@ -1,10 +1,39 @@
-"""Exceptions. Each subclasses a built-in so existing ``except ValueError`` handlers work."""
+"""The one error family. Each class subclasses a built-in, so ``except ValueError`` works.
+
+Every bad argument to a public function raises a :class:`BNFreezeError` subclass:
+
+==========================  =============================  ==================================
+class                       also a                          raised for
+==========================  =============================  ==================================
+``ArgumentError``           ``ValueError``                  an argument with a wrong value
+``ArgumentTypeError``       ``ValueError``, ``TypeError``   an argument of the wrong type
+``ModeError``               ``ValueError``                  an unknown ``bn_mode``
+``SelectionError``          ``ValueError``                  a selector that is malformed or
+                                                            matches nothing
+``ModelError``              ``ValueError``, ``TypeError``   not a built model of this flavour
+``UnsupportedLayerError``   ``ValueError``, ``TypeError``   a BN variant bnfreeze cannot pin
+``DataError``               ``ValueError``                  data that cannot be used
+``FindingsError``           ``ValueError``                  an audit with findings
+``BackendError``            ``ValueError``                  a function that needs TensorFlow
+                                                            on another Keras backend
+``SavedFormatError``        ``ValueError``                  a saved pinned layer of an
+                                                            unknown format version
+==========================  =============================  ==================================
+"""
 
 from __future__ import annotations
 
 
 class BNFreezeError(ValueError):
-    """Base class of bnfreeze's errors about arguments and models."""
+    """Base class of bnfreeze's errors about arguments, models and data."""
+
+
+class ArgumentError(BNFreezeError):
+    """An argument with a value the function cannot use (``steps=0``, ``upstream="x"``)."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of the wrong type (``keep_dropout="yes"``)."""
 
 
 class ModeError(BNFreezeError):
@@ -28,4 +57,12 @@ class FindingsError(BNFreezeError):
 
 
 class DataError(BNFreezeError):
-    """``data`` given to ``recalibrate`` is empty, malformed or cannot be read as needed."""
+    """``data`` is empty, malformed, non-finite or cannot be read as needed."""
+
+
+class BackendError(BNFreezeError):
+    """A function that needs Keras's TensorFlow backend was called on another backend."""
+
+
+class SavedFormatError(BNFreezeError):
+    """A saved pinned layer whose format version this bnfreeze does not know."""

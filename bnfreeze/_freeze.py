@@ -11,28 +11,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfreeze._compat import (
-    _MISSING,
-    Layer,
-    Model,
-    flavour_label,
-    is_foreign_keras_object,
+    graph_nodes,
     recorded_training,
+    remove_recorded_training,
     reset_compiled_functions,
     set_recorded_training,
-    stripped_nodes,
 )
-from bnfreeze._errors import ModelError, UnsupportedLayerError
-from bnfreeze._layers import (
+from bnfreeze._errors import ArgumentTypeError
+from bnfreeze._kinds import (
+    check_supported_batch_norm,
+    depends_on_phase,
+    is_batch_norm,
     is_pinned,
-    original_class,
-    overridden_phase_method,
-    pin,
     pinned_mode,
-    unpin,
 )
+from bnfreeze._layers import pin, unpin
 from bnfreeze._modes import PINNED_INFERENCE, BNMode, check_mode
 from bnfreeze._select import Selector, select
-from bnfreeze._walk import Node, depends_on_phase, descendants, is_batch_norm, walk
+from bnfreeze._walk import Node, check_model, fully_pinned, root, walk
+
+#: Where a graph node keeps the ``training=`` value ``freeze`` removed from it.
+_REMOVED_TRAINING = "_bnfreeze_training"
 
 
 @dataclass(frozen=True)
@@ -42,45 +41,10 @@ class _Step:
     trainable: bool
 
 
-def check_model(model: Any, *, function: str) -> None:
-    """Raise :class:`ModelError` unless ``model`` is a built Keras model of this flavour."""
-    if not isinstance(model, Model):
-        foreign = is_foreign_keras_object(model)
-        if foreign is not None:
-            raise ModelError(
-                f"`{function}` received a model of {foreign}, but bnfreeze is running on "
-                f"{flavour_label()}. Expected a model of the installed flavour: set "
-                "TF_USE_LEGACY_KERAS=1 before importing TensorFlow and bnfreeze to use "
-                "tf-keras, or unset it to use Keras 3."
-            )
-        kind = "a Keras layer" if isinstance(model, Layer) else type(model).__name__
-        raise ModelError(
-            f"Expected `model` to be a keras.Model. Received: {kind} ({model!r:.80}). "
-            "Wrap layers in a model first, e.g. keras.Sequential([layer])."
-        )
-    if not model.built:
-        raise ModelError(
-            f"Expected a built model, but model {model.name!r} is not built, so its layers "
-            "have no variables yet. Call the model on data once, or call "
-            "model.build(input_shape), before bnfreeze."
-        )
-
-
 def _check_supported(steps: list[_Step]) -> None:
     for step in steps:
-        layer = step.node.layer
-        if not is_batch_norm(layer):
-            continue
-        method = overridden_phase_method(layer)
-        if method is not None:
-            raise UnsupportedLayerError(
-                f"Layer {step.node.path!r} is a {original_class(layer).__name__}, a "
-                f"BatchNormalization variant that overrides `{method}`, so bnfreeze cannot "
-                "guarantee which statistics "
-                "it uses. Expected keras.layers.BatchNormalization (or a subclass that only "
-                "changes its constructor or config). Leave it out of `layers=` (for example "
-                f"with a predicate), or replace it with a standard BatchNormalization."
-            )
+        if is_batch_norm(step.node.layer):
+            check_supported_batch_norm(step.node.path, step.node.layer)
 
 
 def _final_trainable(
@@ -117,16 +81,6 @@ def _apply(model: Any, nodes: list[Node], steps: dict[int, _Step], final: dict[i
     reset_compiled_functions(model)
 
 
-def fully_pinned(node: Node, nodes: list[Node]) -> bool:
-    """True when ``node``'s phase-dependent layers (all of them, at least one) are pinned."""
-    if not node.is_container:
-        return is_pinned(node.layer)
-    below = nodes if node.path == "" else descendants(nodes, node.path)
-    inside = [n for n in below if not n.is_container]
-    phase = [n for n in inside if depends_on_phase(n.layer)]
-    return bool(phase) and all(is_pinned(n.layer) for n in phase)
-
-
 def _sync_recorded_training(model: Any, nodes: list[Node]) -> None:
     """Remove ``training=`` recorded in graph calls of fully pinned parts; restore the rest.
 
@@ -136,15 +90,16 @@ def _sync_recorded_training(model: Any, nodes: list[Node]) -> None:
     :func:`unfreeze` puts it back). The model itself counts too: ``freeze(base)`` on a
     base that an outer graph calls with ``training=False`` fixes that call.
     """
-    for node in [Node("", model, None, 0, True), *nodes]:
+    for node in [root(model), *nodes]:
         if fully_pinned(node, nodes):
             for graph_node, value in recorded_training(node.layer):
-                graph_node._bnfreeze_training = value
-                set_recorded_training(graph_node, _MISSING)
+                setattr(graph_node, _REMOVED_TRAINING, value)
+                remove_recorded_training(graph_node)
         else:
-            for graph_node in stripped_nodes(node.layer):
-                set_recorded_training(graph_node, graph_node._bnfreeze_training)
-                del graph_node._bnfreeze_training
+            for graph_node in graph_nodes(node.layer):
+                if hasattr(graph_node, _REMOVED_TRAINING):
+                    set_recorded_training(graph_node, getattr(graph_node, _REMOVED_TRAINING))
+                    delattr(graph_node, _REMOVED_TRAINING)
 
 
 def _plan_and_apply(model: Any, nodes: list[Node], planned: list[_Step]) -> None:
@@ -168,51 +123,23 @@ def freeze(
 ) -> Any:
     """Freeze ``layers`` of ``model`` and pin what their BatchNormalization layers do.
 
-    The model is changed **in place** and returned (the same object): no layer is
-    replaced and no variable is copied, so optimizers, callbacks and other references
-    keep working. Frozen non-BN layers get ``trainable=False``. Frozen BN layers follow
-    ``bn_mode``:
+    Frozen layers get ``trainable=False``; frozen BN layers follow ``bn_mode`` (the
+    [mode table](api.md#modes)) whatever ``training`` value reaches them and whatever is
+    later set as ``trainable``; the frozen part's Dropout, noise and augmentation layers
+    run as at inference. Why ``trainable`` and ``training`` differ, and freezing a compiled
+    model: [the fine-tuning guide](guide-freezing.md).
 
-    | ``bn_mode``     | statistics used by fit | moving statistics updated by fit | gamma/beta |
-    | --------------- | ---------------------- | -------------------------------- | ---------- |
-    | ``"inference"`` | moving                 | no                               | frozen     |
-    | ``"affine"``    | moving                 | no                               | trained    |
-    | ``"adapt"``     | batch                  | yes                              | frozen     |
-    | ``"train"``     | batch                  | yes                              | trained    |
-
-    ``evaluate`` and ``predict`` always use the moving statistics. The other layers of the
-    frozen part whose ``call`` takes ``training`` (Dropout, noise, augmentation, RNN
-    dropout, ...) run as at inference during ``fit`` unless ``keep_dropout=True``. Layers
-    outside the selection keep their normal behaviour.
-
-    **trainable versus training.** ``trainable`` decides which weights receive gradients;
-    ``training`` is the flag Keras passes down a call to say "this is fit". Keras ties the
-    two together in ways that differ between versions (a ``training=False`` recorded in a
-    graph is ignored by keras 3.15, leaks to later layers in 3.16, is dropped by tf-keras
-    for some subclassed models). bnfreeze separates them: what ``freeze`` pins (the BN mode
-    and the inference behaviour of the frozen part) lives in each layer and holds whatever
-    ``training`` value arrives and whatever a later ``layer.trainable = ...`` does, until
-    [`unfreeze`][bnfreeze.unfreeze] changes it; ``trainable`` then only decides which
-    weights are trained (the ``norm_eval`` rule of mmdetection). A nested model all of whose
-    layers are frozen reports ``trainable=False`` itself, so ``base.trainable = True``
-    unfreezes its weights.
-
-    Freeze before ``compile()``, or compile again afterwards. On a compiled model the
-    cached train/test/predict functions are dropped (and tf-keras's record of the
-    compile-time ``trainable`` flags is updated), so the next ``fit`` already follows the
-    freeze. An optimizer that has already taken a step only knows the variables it was
-    built with: after ``unfreeze`` on a trained model, ``compile`` again (Keras refuses
-    the new variables otherwise).
+    Note:
+        ``model`` is changed in place and returned: no layer is replaced and no variable
+        copied. Every check runs first: when ``freeze`` raises, nothing has changed.
 
     Args:
         model: A built ``keras.Model`` (Sequential, functional, subclassed, nested).
-        layers: What to freeze: ``None`` (the whole model), a glob pattern or list of
-            patterns over layer paths (``"resnet50/conv4_*"``), layer objects, a predicate
-            ``callable(layer) -> bool``, or [`bnfreeze.up_to`][]. A nested model selects
-            every layer inside it.
-        bn_mode: What the frozen BatchNormalization layers do (table above).
-        keep_dropout: Leave Dropout, noise, augmentation and RNN-dropout layers of the
-            frozen part active during ``fit``.
+        layers: What to freeze: ``None`` (everything), glob patterns over layer paths
+            (``"resnet50/conv4_*"``), layers, a predicate ``callable(layer) -> bool``,
+            [`bnfreeze.up_to`][], or a list of these.
+        bn_mode: ``"inference"``, ``"affine"``, ``"adapt"`` or ``"train"``.
+        keep_dropout: Leave the frozen part's Dropout-like layers active during ``fit``.
 
     Returns:
         ``model`` itself.
@@ -222,25 +149,19 @@ def freeze(
         ModeError: ``bn_mode`` is not one of the four modes.
         SelectionError: ``layers`` matches nothing (the message names close paths).
         UnsupportedLayerError: a selected BN variant overrides its own ``call``.
+        ArgumentTypeError: ``keep_dropout`` is not a bool.
 
-    Every check runs before anything changes: when ``freeze`` raises, the model is
-    exactly as it was.
-
-    Examples:
-        >>> import keras, numpy as np, bnfreeze
-        >>> inputs = keras.Input((4,))
-        >>> h = keras.layers.Dense(8, name="dense")(inputs)
-        >>> h = keras.layers.BatchNormalization(name="bn")(h)
-        >>> model = keras.Model(inputs, keras.layers.Dense(1, name="head")(h))
+    Example:
+        >>> import keras, bnfreeze
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="dense"),
+        ...     keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="head")])
         >>> model = bnfreeze.freeze(model, ["dense", "bn"], bn_mode="affine")
-        >>> [(layer.name, layer.trainable) for layer in model.layers[1:]]
+        >>> [(layer.name, layer.trainable) for layer in model.layers]
         [('dense', False), ('bn', True), ('head', True)]
-        >>> bnfreeze.audit(model).row("bn").bn_mode
-        'affine'
     """
     spec = check_mode(bn_mode)
     if not isinstance(keep_dropout, bool):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"Expected `keep_dropout` to be a bool. Received: keep_dropout={keep_dropout!r}."
         )
     check_model(model, function="freeze")
@@ -260,34 +181,35 @@ def freeze(
 
 
 def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = None) -> Any:
-    """Make ``layers`` of ``model`` trainable again; the model is changed in place.
+    """Make ``layers`` of ``model`` trainable again, optionally keeping BN pinned.
 
-    With ``bn_mode=None`` the selected BatchNormalization layers return exactly to what
-    they were before [`freeze`][bnfreeze.freeze] (class, config, variables), so
-    ``unfreeze(freeze(model))`` has the same ``get_config()`` and weights as ``model``
-    had (when all its layers were trainable). With a ``bn_mode``, they take that mode
-    instead: ``unfreeze(m, "resnet50/conv5_*", bn_mode="inference")`` fine-tunes the top
-    block with BN kept in inference mode (gamma/beta follow the mode). Other pinned layers
-    (Dropout, ...) of the selection get their normal behaviour back.
+    With ``bn_mode=None`` the selected layers return exactly to what they were before
+    [`freeze`][bnfreeze.freeze], so ``unfreeze(freeze(model))`` has the same config and
+    weights as ``model`` had (when all its layers were trainable). With a ``bn_mode``, the
+    selected BN layers take that mode instead (fine-tune a block, BN on its moving
+    statistics). After a ``fit`` has built the optimizer, compile again.
+
+    Note:
+        ``model`` is changed in place and returned; when ``unfreeze`` raises, nothing
+        has changed.
 
     Args:
         model: A built ``keras.Model``.
-        layers: What to unfreeze; the same selectors as [`freeze`][bnfreeze.freeze].
+        layers: What to unfreeze; the selectors of [`freeze`][bnfreeze.freeze].
         bn_mode: ``None`` to restore BN layers, or the mode they should take.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ModelError, ModeError, SelectionError: as [`freeze`][bnfreeze.freeze], before any change.
+        ModelError, ModeError, SelectionError: as [`freeze`][bnfreeze.freeze].
 
-    Examples:
+    Example:
         >>> import keras, bnfreeze
-        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="d"),
-        ...                           keras.layers.BatchNormalization(name="bn")])
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+        ...                           keras.layers.BatchNormalization()])
         >>> config = model.get_config()
-        >>> model = bnfreeze.unfreeze(bnfreeze.freeze(model))
-        >>> model.get_config() == config
+        >>> bnfreeze.unfreeze(bnfreeze.freeze(model)).get_config() == config
         True
     """
     spec = check_mode(bn_mode) if bn_mode is not None else None

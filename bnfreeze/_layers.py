@@ -21,6 +21,8 @@ layer and pins it again. ``unpin`` restores the original class, so the layer's
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from bnfreeze._compat import (
@@ -31,47 +33,24 @@ from bnfreeze._compat import (
     register_serialized_name,
     run_updates_even_if_frozen,
 )
-from bnfreeze._modes import MODES, PINNED_INFERENCE
-from bnfreeze._walk import is_batch_norm
+from bnfreeze._errors import SavedFormatError
+from bnfreeze._kinds import (
+    clear_pinned_mode,
+    is_batch_norm,
+    is_pinned,
+    original_class,
+    pinned_mode,
+    register_pinned_class,
+    set_pinned_mode,
+)
+from bnfreeze._modes import MODES, PINNED_INFERENCE, pinned_training, uses_batch_statistics
 
 REGISTERED_NAME = "bnfreeze>Frozen"
+#: The version of the saved form of a pinned layer; ``Frozen.from_config`` refuses others.
+#: Version 1: ``{"version", "name", "trainable", "mode", "layer"}`` (bnfreeze 0.1.0 wrote
+#: the same without ``"version"``).
+FORMAT_VERSION = 1
 _GENERATED: dict[type, type] = {}
-
-
-def is_pinned(layer: Any) -> bool:
-    """True when ``layer`` was pinned by bnfreeze."""
-    return getattr(type(layer), "_bnfreeze_base", None) is not None
-
-
-def pinned_mode(layer: Any) -> str | None:
-    """The pinned mode of ``layer`` (a ``bn_mode`` for BN, ``"inference"`` otherwise)."""
-    if not is_pinned(layer):
-        return None
-    return str(layer._bnfreeze_mode)
-
-
-def original_class(layer: Any) -> Any:
-    """The class ``layer`` had before it was pinned (its own class when not pinned)."""
-    base = getattr(type(layer), "_bnfreeze_base", None)
-    return base if base is not None else type(layer)
-
-
-def overridden_phase_method(layer: Any) -> str | None:
-    """The BN method a custom subclass overrides that bnfreeze relies on, or ``None``.
-
-    bnfreeze decides a BatchNormalization's statistics through Keras's own ``call``
-    (and tf-keras's ``_get_training_value``); a subclass outside Keras that overrides
-    one of them may use other statistics, so freeze and recalibrate refuse it.
-    """
-    base = original_class(layer)
-    for name in ("call", "_get_training_value"):
-        for klass in base.__mro__:
-            if name in vars(klass):
-                module = klass.__module__ or ""
-                if not module.startswith(("keras.", "tf_keras.", "bnfreeze.")):
-                    return name
-                break
-    return None
 
 
 def pin(layer: Any, mode: str) -> None:
@@ -79,7 +58,7 @@ def pin(layer: Any, mode: str) -> None:
     cls = _generated_class(original_class(layer))
     if type(layer) is not cls:
         layer.__class__ = cls
-    layer._bnfreeze_mode = mode
+    set_pinned_mode(layer, mode)
 
 
 def unpin(layer: Any) -> None:
@@ -87,10 +66,49 @@ def unpin(layer: Any) -> None:
     if not is_pinned(layer):
         return
     layer.__class__ = original_class(layer)
+    clear_pinned_mode(layer)
+
+
+#: ``on_call(layer, original_call, signature, args, kwargs) -> outputs``.
+OnCall = Callable[[Any, Any, inspect.Signature, tuple[Any, ...], dict[str, Any]], Any]
+
+
+@contextmanager
+def intercepted(layers: Sequence[Any], on_call: OnCall) -> Iterator[None]:
+    """For the duration of the block, every call of ``layers`` goes through ``on_call``.
+
+    The one way bnfreeze observes or temporarily replaces what a layer does (the audit's
+    tracer, ``compare_phases``, ``recalibrate``'s pass): an instance attribute ``call``
+    shadows the class's for the block and is removed afterwards, whatever happens. The
+    layer's class, config and variables are never touched (pinning, which must survive
+    saving, changes the class instead: :func:`pin`).
+    """
+    saved: list[tuple[Any, Any]] = []
+    missing = object()
     try:
-        del layer._bnfreeze_mode
-    except AttributeError:  # pragma: no cover - Keras 3 tracking may refuse deletion
-        object.__delattr__(layer, "_bnfreeze_mode")
+        for layer in layers:
+            saved.append((layer, layer.__dict__.get("call", missing)))
+            object.__setattr__(layer, "call", _interceptor(layer, layer.call, on_call))
+        yield
+    finally:
+        for layer, had in reversed(saved):
+            if had is missing:
+                layer.__dict__.pop("call", None)
+            else:
+                object.__setattr__(layer, "call", had)
+
+
+def _interceptor(layer: Any, original: Any, on_call: OnCall) -> Any:
+    try:
+        signature = inspect.signature(original)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        signature = inspect.Signature()
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return on_call(layer, original, signature, args, kwargs)
+
+    call.__signature__ = signature  # type: ignore[attr-defined]
+    return call
 
 
 # --- the generated classes ----------------------------------------------------------
@@ -100,9 +118,10 @@ def _frozen_get_config(self: Any) -> dict[str, Any]:
     base: Any = original_class(self)
     fresh = base.from_config(base.get_config(self))
     return {
+        "version": FORMAT_VERSION,
         "name": self.name,
         "trainable": self.trainable,
-        "mode": self._bnfreeze_mode,
+        "mode": _mode(self),
         "layer": keras.layers.serialize(fresh),
     }
 
@@ -147,20 +166,22 @@ def _batch_statistics_call_keras3(self: Any, inputs: Any, mask: Any) -> Any:
     return ops.cast(outputs, self.compute_dtype)
 
 
+def _mode(layer: Any) -> str:
+    return str(pinned_mode(layer))
+
+
 def _bn_members(base: Any) -> dict[str, Any]:
     if IS_TF_KERAS:
 
         def _get_training_value(self: Any, training: Any = None) -> Any:
-            if not MODES[self._bnfreeze_mode].batch_statistics:
-                return False
             if training is None:
                 training = learning_phase_default()
             if isinstance(training, int):
                 training = bool(training)
-            return training
+            return pinned_training(_mode(self), training)
 
         def add_update(self: Any, updates: Any) -> None:
-            if MODES[self._bnfreeze_mode].batch_statistics:
+            if MODES[_mode(self)].batch_statistics:
                 run_updates_even_if_frozen(updates)
             else:
                 base.add_update(self, updates)
@@ -168,7 +189,7 @@ def _bn_members(base: Any) -> dict[str, Any]:
         return {"_get_training_value": _get_training_value, "add_update": add_update}
 
     def call(self: Any, inputs: Any, training: Any = None, mask: Any = None) -> Any:
-        if not (MODES[self._bnfreeze_mode].batch_statistics and training):
+        if not uses_batch_statistics(_mode(self), training):
             return base.call(self, inputs, training=False, mask=mask)
         if self.trainable:
             return base.call(self, inputs, training=True, mask=mask)
@@ -199,7 +220,6 @@ def _generated_class(base: type) -> type:
     if cls is not None:
         return cls
     members: dict[str, Any] = {
-        "_bnfreeze_base": base,
         "get_config": _frozen_get_config,
         "__module__": __name__,
         "__doc__": f"{base.__name__} pinned by bnfreeze (see bnfreeze.freeze).",
@@ -214,6 +234,7 @@ def _generated_class(base: type) -> type:
     members["__qualname__"] = base.__qualname__
     cls = type(base.__name__, (base,), members)
     register_serialized_name(cls, REGISTERED_NAME)
+    register_pinned_class(cls, base)
     _GENERATED[base] = cls
     return cls
 
@@ -227,12 +248,24 @@ class Frozen:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:
+        version = config.get("version", 1)  # bnfreeze 0.1.0 wrote version 1 without the key
+        if version != FORMAT_VERSION:
+            raise SavedFormatError(
+                f"Cannot load layer {config.get('name')!r}: it was saved by a bnfreeze that "
+                f"writes pinned layers in format version {version!r}, and this bnfreeze "
+                f"reads format version {FORMAT_VERSION}. Install the bnfreeze version that "
+                "saved the model (or a newer one) to load it."
+            )
         layer = keras.layers.deserialize(config["layer"], custom_objects=custom_objects)
         mode = config["mode"]
         if is_batch_norm(layer):
             if mode not in MODES:
-                raise ValueError(f"Unknown bn_mode {mode!r} in a saved bnfreeze layer config.")
+                raise SavedFormatError(
+                    f"Unknown bn_mode {mode!r} in a saved bnfreeze layer config."
+                )
         elif mode != PINNED_INFERENCE:
-            raise ValueError(f"Unknown pinned mode {mode!r} in a saved bnfreeze layer config.")
+            raise SavedFormatError(
+                f"Unknown pinned mode {mode!r} in a saved bnfreeze layer config."
+            )
         pin(layer, mode)
         return layer

@@ -2,23 +2,26 @@
 
 A mode pins two things of a frozen BatchNormalization layer:
 
-==============  =========================  ===================================  ============
-``bn_mode``     statistics used by ``fit``  moving statistics updated by ``fit``  gamma/beta
-==============  =========================  ===================================  ============
-``"inference"``  moving                     no                                   frozen
-``"affine"``     moving                     no                                   trained
-``"adapt"``      batch                      yes                                  frozen
-``"train"``      batch                      yes                                  trained
-==============  =========================  ===================================  ============
+| ``bn_mode``      | statistics used by ``fit`` | moving statistics updated by ``fit`` | gamma/beta |
+| ---------------- | -------------------------- | ------------------------------------ | ---------- |
+| ``"inference"``  | moving                     | no                                   | frozen     |
+| ``"affine"``     | moving                     | no                                   | trained    |
+| ``"adapt"``      | batch                      | yes                                  | frozen     |
+| ``"train"``      | batch                      | yes                                  | trained    |
 
-``evaluate`` and ``predict`` always use the moving statistics.
+``evaluate`` and ``predict`` always use the moving statistics. A later ``trainable = ...``
+decides only which weights receive gradients, never which statistics a pinned BN uses.
+
+This table is the only place the modes are defined: ``freeze``, the pinned layers, the
+audit and the docs all read :data:`MODES`, and :func:`uses_batch_statistics` is the one
+phase rule ("which statistics does a BN pinned in this mode use under this ``training``").
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from bnfreeze._errors import ModeError
 
@@ -77,3 +80,27 @@ def check_mode(value: object, *, argument: str = "bn_mode") -> ModeSpec:
     raise ModeError(
         f"Expected `{argument}` to be one of {MODE_NAMES}. Received: {argument}={value!r}.{hint}"
     )
+
+
+def pinned_training(mode: str, training: Any) -> Any:
+    """The ``training`` value a BN pinned in ``mode`` acts on when it receives ``training``.
+
+    ``False`` (moving statistics) for the modes that keep the moving statistics, whatever
+    arrives; otherwise ``training`` itself, unchanged (it may be a symbolic learning phase
+    in tf-keras).
+
+    >>> pinned_training("affine", True), pinned_training("adapt", True)
+    (False, True)
+    """
+    return training if MODES[mode].batch_statistics else False
+
+
+def uses_batch_statistics(mode: str, training: Any) -> bool:
+    """The phase rule: does a BN pinned in ``mode`` normalise with batch statistics?
+
+    >>> [uses_batch_statistics(m, True) for m in MODE_NAMES]
+    [False, False, True, True]
+    >>> uses_batch_statistics("train", False)
+    False
+    """
+    return bool(pinned_training(mode, training))

@@ -14,6 +14,7 @@ state a forward pass moves, are restored in ``finally``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import threading
@@ -25,12 +26,18 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 
-from bnfreeze._compat import IS_TF_KERAS, keras
-from bnfreeze._errors import DataError, SelectionError, UnsupportedLayerError
-from bnfreeze._freeze import check_model
-from bnfreeze._layers import original_class, overridden_phase_method
+from bnfreeze._compat import IS_TF_KERAS, keras, strategy_of, tf_variable
+from bnfreeze._errors import ArgumentError, DataError, SelectionError
+from bnfreeze._kinds import (
+    check_supported_batch_norm,
+    depends_on_phase,
+    is_batch_norm,
+    original_class,
+    overridden_phase_method,
+)
+from bnfreeze._layers import intercepted
 from bnfreeze._select import Selector, select
-from bnfreeze._walk import Node, depends_on_phase, is_batch_norm, walk
+from bnfreeze._walk import Node, check_model, walk
 
 Upstream = Literal["batch", "recalibrated"]
 UPSTREAM_VALUES: tuple[str, ...] = ("batch", "recalibrated")
@@ -151,7 +158,7 @@ def recalibrate(
     check_model(model, function="recalibrate")
     _check_backend()
     if not (isinstance(upstream, str) and upstream in UPSTREAM_VALUES):
-        raise ValueError(
+        raise ArgumentError(
             f"Expected `upstream` to be one of {UPSTREAM_VALUES}. Received: upstream={upstream!r}."
         )
     batch_size = _check_count(batch_size, "batch_size")
@@ -168,7 +175,7 @@ def recalibrate(
         )
     first = source.peek()
     _check_batch(model, first)
-    strategy = _strategy_of(model)
+    strategy = strategy_of(model)
     runner = _Runner(model, nodes, targets, strategy, upstream)
     with runner.swapped():
         levels = [0] * len(targets) if upstream == "batch" else runner.levels(first)
@@ -194,7 +201,7 @@ def recalibrate(
 
 def _check_backend() -> None:
     if not IS_TF_KERAS and keras.backend.backend() != "tensorflow":
-        raise ValueError(
+        raise ArgumentError(
             "`recalibrate` runs on the TensorFlow backend (it uses tf.function and "
             f"tf.distribute). Received: the {keras.backend.backend()!r} backend. Set "
             "KERAS_BACKEND=tensorflow."
@@ -205,7 +212,7 @@ def _check_count(value: Any, name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"Expected `{name}` to be a positive int or None. Received: {name}={value!r}."
         )
     return int(value)
@@ -216,7 +223,7 @@ def _check_verbose(value: Any) -> int:
         return 1
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value in (0, 1, 2):
         return int(value)
-    raise ValueError(f"Expected `verbose` to be 'auto', 0, 1 or 2. Received: verbose={value!r}.")
+    raise ArgumentError(f"Expected `verbose` to be 'auto', 0, 1 or 2. Received: verbose={value!r}.")
 
 
 def _targets(nodes: list[Node], layers: Selector) -> list[Node]:
@@ -229,15 +236,7 @@ def _targets(nodes: list[Node], layers: Selector) -> list[Node]:
             "Expected a selection containing at least one BatchNormalization layer."
         )
     for node in targets:
-        method = overridden_phase_method(node.layer)
-        if method is not None:
-            raise UnsupportedLayerError(
-                f"Layer {node.path!r} is a {original_class(node.layer).__name__}, a "
-                f"BatchNormalization variant that overrides `{method}`, so bnfreeze cannot "
-                "tell which statistics it needs. "
-                "Expected keras.layers.BatchNormalization (or a subclass that only changes its "
-                "constructor or config). Leave it out of `layers=`."
-            )
+        check_supported_batch_norm(node.path, node.layer)
     return targets
 
 
@@ -302,7 +301,7 @@ class _Source:
             source = _ArraySource(_in_memory_x(data, model), batch_size, steps)
             batch_size = None
         if batch_size is not None:
-            raise ValueError(
+            raise ArgumentError(
                 f"`batch_size` applies to in-memory arrays only; `data` is a {source.kind}, "
                 f"which is batched already. Received: batch_size={batch_size}. Remove "
                 "`batch_size` (or batch the data yourself)."
@@ -542,13 +541,6 @@ def _assign(variable: Any, value: np.ndarray) -> None:
 # --- the pass ------------------------------------------------------------------------------
 
 
-def _strategy_of(model: Any) -> Any:
-    strategy = getattr(model, "distribute_strategy", None)
-    if strategy is None or strategy is tf.distribute.get_strategy():
-        strategy = tf.distribute.get_strategy()
-    return strategy
-
-
 @dataclass
 class _Role:
     kind: Literal["moving", "collect", "fixed", "probe"]
@@ -567,10 +559,7 @@ class _Plan:
 
 
 def _read(variable: Any) -> tf.Tensor:
-    value = getattr(variable, "value", None)  # Keras 3: the backend variable
-    if value is None or callable(value):  # tf.Variable (tf-keras): `value` is a method
-        value = variable
-    return tf.convert_to_tensor(value)
+    return tf.convert_to_tensor(tf_variable(variable))
 
 
 def _channel_axes(layer: Any, rank: int) -> list[int]:
@@ -598,7 +587,7 @@ def _bn_call(plan: _Plan, layer: Any, inputs: Any, mask: Any) -> Any:
     compute_dtype = tf.float32 if inputs.dtype in (tf.float16, tf.bfloat16) else inputs.dtype
     x = tf.cast(inputs, compute_dtype)
     if mask is not None and mask.shape.rank != rank - 1:
-        raise ValueError(
+        raise ArgumentError(
             "The mask provided should be one dimension less than the inputs. Received: "
             f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
         )
@@ -744,17 +733,6 @@ def _moments64(
     return count, mean, m2
 
 
-def _swap_class(cls: type, plan: _Plan) -> type:
-    def call(self: Any, inputs: Any, training: Any = None, mask: Any = None) -> Any:
-        return _bn_call(plan, self, inputs, mask)
-
-    return type(
-        f"Recalibrating{cls.__name__}",
-        (cls,),
-        {"call": call, "__module__": __name__, "_bnfreeze_recalibrating": True},
-    )
-
-
 class _Runner:
     def __init__(
         self, model: Any, nodes: list[Node], targets: list[Node], strategy: Any, upstream: str
@@ -783,32 +761,25 @@ class _Runner:
 
     # -- set-up and restoration
 
-    class _Swap:
-        def __init__(self, runner: _Runner) -> None:
-            self.runner = runner
-            self.saved: list[tuple[Any, type]] = []
-            self.values: list[np.ndarray] = []
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Every BN layer we can run ourselves goes through ``_bn_call`` for the block;
+        the guarded state (seed generators a forward pass may move) is put back after."""
+        values = [np.array(_read(v)) for v in self.guarded]
+        plan = self.plan
 
-        def __enter__(self) -> None:
-            runner = self.runner
-            self.values = [np.array(_read(v)) for v in runner.guarded]
-            classes: dict[type, type] = {}
-            for layer in runner.swapped_layers:
-                cls = type(layer)
-                if cls not in classes:
-                    classes[cls] = _swap_class(cls, runner.plan)
-                self.saved.append((layer, cls))
-                layer.__class__ = classes[cls]
+        def on_call(layer: Any, _original: Any, signature: Any, args: Any, kwargs: Any) -> Any:
+            arguments = signature.bind(*args, **kwargs).arguments
+            inputs = next(iter(arguments.values()))
+            return _bn_call(plan, layer, inputs, arguments.get("mask"))
 
-        def __exit__(self, *exc: Any) -> None:
-            for layer, cls in reversed(self.saved):
-                layer.__class__ = cls
-            for variable, value in zip(self.runner.guarded, self.values, strict=True):
+        try:
+            with intercepted(self.swapped_layers, on_call):
+                yield
+        finally:
+            for variable, value in zip(self.guarded, values, strict=True):
                 if not np.array_equal(np.array(_read(variable)), value, equal_nan=True):
                     variable.assign(value)
-
-    def swapped(self) -> _Runner._Swap:
-        return _Runner._Swap(self)
 
     # -- the step
 
@@ -938,7 +909,7 @@ class _Runner:
             return tf.constant(0)
 
         x = tf.nest.map_structure(tf.convert_to_tensor, first)
-        with self.strategy.scope() if self.distributed else _nullcontext():
+        with self.strategy.scope() if self.distributed else contextlib.nullcontext():
             tf.function(probe).get_concrete_function(x)
         masks: list[int] = result["masks"]
         levels = [0] * len(self.targets)
@@ -963,14 +934,6 @@ class _Step:
 
     def __call__(self, x: Any) -> Any:
         return self.function(x)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _first_call_order(order: list[int], count: int) -> list[int]:

@@ -11,18 +11,18 @@ insides decide their behaviour together, so they are pinned and reported as one.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 from bnfreeze._compat import (
-    BN_BASE,
     Layer,
     Model,
     direct_sublayers,
-    training_matters_only_for_float8,
+    flavour_label,
+    is_foreign_keras_object,
 )
+from bnfreeze._errors import ModelError
+from bnfreeze._kinds import depends_on_phase, is_batch_norm, is_pinned
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,40 +32,11 @@ class Node:
     path: str
     layer: Any
     parent: Any | None
-    depth: int
     is_container: bool
 
     @property
     def name(self) -> str:
         return str(self.path.rsplit("/", 1)[-1])
-
-
-def is_batch_norm(layer: Any) -> bool:
-    """True for BatchNormalization and its subclasses in the installed flavour."""
-    return isinstance(layer, BN_BASE)
-
-
-@cache
-def _class_takes_training(cls: type) -> bool:
-    call = getattr(cls, "call", None)
-    if call is None:
-        return False
-    try:
-        return "training" in inspect.signature(call).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
-        return False
-
-
-def depends_on_phase(layer: Any) -> bool:
-    """True when the layer's ``call`` takes ``training`` (and it is not a model).
-
-    Keras 3's Dense and EinsumDense take ``training`` only for float8 quantized training;
-    unless they are float8-quantized they do not count.
-    """
-    if isinstance(layer, Model) or training_matters_only_for_float8(layer):
-        return False
-    cls: type = getattr(type(layer), "_bnfreeze_base", None) or type(layer)
-    return _class_takes_training(cls)
 
 
 def _contains_batch_norm(layer: Any) -> bool:
@@ -95,20 +66,20 @@ def walk(model: Any, *, include_root: bool = False) -> list[Node]:
     nodes: list[Node] = []
     seen: set[int] = {id(model)}
     if include_root:
-        nodes.append(Node("", model, None, 0, True))
+        nodes.append(Node("", model, None, True))
 
-    def visit(container: Any, prefix: str, depth: int) -> None:
+    def visit(container: Any, prefix: str) -> None:
         for child in direct_sublayers(container):
             if id(child) in seen:
                 continue
             seen.add(id(child))
             path = f"{prefix}{child.name}"
             container_flag = is_container(child)
-            nodes.append(Node(path, child, container, depth, container_flag))
+            nodes.append(Node(path, child, container, container_flag))
             if container_flag:
-                visit(child, path + "/", depth + 1)
+                visit(child, path + "/")
 
-    visit(model, "", 0)
+    visit(model, "")
     return nodes
 
 
@@ -116,3 +87,46 @@ def descendants(nodes: list[Node], container_path: str) -> list[Node]:
     """Nodes strictly below ``container_path``."""
     prefix = container_path + "/"
     return [n for n in nodes if n.path.startswith(prefix)]
+
+
+def root(model: Any) -> Node:
+    """The node of ``model`` itself (path ``""``), for rules that treat it as a container."""
+    return Node("", model, None, True)
+
+
+def fully_pinned(node: Node, nodes: list[Node]) -> bool:
+    """True when ``node``'s phase-dependent layers (all of them, at least one) are pinned.
+
+    A fully pinned part decides its learning phase itself: a ``training=`` recorded for
+    it in a graph says nothing any more (``freeze`` removes it, ``audit`` ignores it).
+    """
+    if not node.is_container:
+        return is_pinned(node.layer)
+    below = nodes if node.path == "" else descendants(nodes, node.path)
+    inside = [n for n in below if not n.is_container]
+    phase = [n for n in inside if depends_on_phase(n.layer)]
+    return bool(phase) and all(is_pinned(n.layer) for n in phase)
+
+
+def check_model(model: Any, *, function: str) -> None:
+    """Raise :class:`ModelError` unless ``model`` is a built Keras model of this flavour."""
+    if not isinstance(model, Model):
+        foreign = is_foreign_keras_object(model)
+        if foreign is not None:
+            raise ModelError(
+                f"`{function}` received a model of {foreign}, but bnfreeze is running on "
+                f"{flavour_label()}. Expected a model of the installed flavour: set "
+                "TF_USE_LEGACY_KERAS=1 before importing TensorFlow and bnfreeze to use "
+                "tf-keras, or unset it to use Keras 3."
+            )
+        kind = "a Keras layer" if isinstance(model, Layer) else type(model).__name__
+        raise ModelError(
+            f"Expected `model` to be a keras.Model. Received: {kind} ({model!r:.80}). "
+            "Wrap layers in a model first, e.g. keras.Sequential([layer])."
+        )
+    if not model.built:
+        raise ModelError(
+            f"Expected a built model, but model {model.name!r} is not built, so its layers "
+            "have no variables yet. Call the model on data once, or call "
+            "model.build(input_shape), before bnfreeze."
+        )

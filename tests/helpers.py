@@ -32,7 +32,8 @@ def snapshot(model: Any) -> dict[str, np.ndarray]:
 
 
 def bn_layers(model: Any) -> list[Any]:
-    from bnfreeze._walk import is_batch_norm, walk
+    from bnfreeze._kinds import is_batch_norm
+    from bnfreeze._walk import walk
 
     return [n.layer for n in walk(model) if is_batch_norm(n.layer)]
 

@@ -242,7 +242,7 @@ def _check_adapt_synchronized() -> None:
     # Bessel correction either).
     np.testing.assert_allclose(variances[0], 0.5 * old_var + 0.5 * batch_var, rtol=1e-4)
     # gamma/beta frozen (adapt), dense frozen.
-    assert not bn.trainable or bnfreeze._layers.pinned_mode(bn) == "adapt"
+    assert not bn.trainable or bnfreeze._kinds.pinned_mode(bn) == "adapt"
 
 
 # --- MultiWorkerMirroredStrategy: two real worker processes ------------------------------

@@ -141,7 +141,7 @@ def test_bn_variant_that_overrides_call_is_refused() -> None:
         bnfreeze.freeze(model)
     assert str(info.value) == (
         "Layer 'odd_bn' is a _CustomBN, a BatchNormalization variant that overrides `call`, "
-        "so bnfreeze cannot guarantee which statistics it uses. Expected "
+        "so bnfreeze cannot vouch for which statistics it uses. Expected "
         "keras.layers.BatchNormalization (or a subclass that only changes its constructor or "
         "config). Leave it out of `layers=` (for example with a predicate), or replace it "
         "with a standard BatchNormalization."
@@ -150,7 +150,7 @@ def test_bn_variant_that_overrides_call_is_refused() -> None:
     _assert_unchanged(model, before)
     # Leaving it out works.
     bnfreeze.freeze(model, lambda layer: layer.name != "odd_bn")
-    assert bnfreeze._layers.pinned_mode(model.get_layer("plain_bn")) == "inference"
+    assert bnfreeze._kinds.pinned_mode(model.get_layer("plain_bn")) == "inference"
 
 
 def test_keep_dropout_must_be_bool() -> None:

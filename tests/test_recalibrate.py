@@ -12,7 +12,7 @@ import tensorflow as tf
 import bnfreeze
 from bnfreeze import DataError, SelectionError
 from bnfreeze._compat import IS_TF_KERAS, keras
-from bnfreeze._layers import is_pinned, pinned_mode
+from bnfreeze._kinds import is_pinned, pinned_mode
 from bnfreeze._recalibrate import recalibrate
 from tests import helpers as h
 

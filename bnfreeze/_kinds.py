@@ -1,0 +1,113 @@
+"""What a layer is, for bnfreeze: a BatchNormalization? phase-dependent? pinned, and how?
+
+The questions every other module asks about one layer, answered in one place. Pinned
+layers (see ``_layers``) are instances of generated subclasses registered here with the
+class they were made from; their mode is kept on the instance. Nothing else reads or
+writes either.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+from typing import Any
+
+from bnfreeze._compat import BN_BASE, Model, training_matters_only_for_float8
+from bnfreeze._errors import UnsupportedLayerError
+
+_ORIGINAL: dict[type, type] = {}  # generated pinned class -> the class it was made from
+_MODE_ATTR = "_bnfreeze_mode"
+
+
+def is_batch_norm(layer: Any) -> bool:
+    """True for BatchNormalization and its subclasses in the installed flavour."""
+    return isinstance(layer, BN_BASE)
+
+
+def register_pinned_class(generated: type, original: type) -> None:
+    """Record that ``generated`` is the pinned form of ``original`` (called by ``_layers``)."""
+    _ORIGINAL[generated] = original
+
+
+def original_class(layer: Any) -> Any:
+    """The class ``layer`` had before it was pinned (its own class when not pinned)."""
+    return _ORIGINAL.get(type(layer), type(layer))
+
+
+def is_pinned(layer: Any) -> bool:
+    """True when ``layer`` was pinned by bnfreeze."""
+    return type(layer) in _ORIGINAL
+
+
+def pinned_mode(layer: Any) -> str | None:
+    """The pinned mode of ``layer`` (a ``bn_mode`` for BN, ``"inference"`` otherwise)."""
+    if not is_pinned(layer):
+        return None
+    return str(getattr(layer, _MODE_ATTR))
+
+
+def set_pinned_mode(layer: Any, mode: str) -> None:
+    """Store ``mode`` on a pinned layer."""
+    setattr(layer, _MODE_ATTR, mode)
+
+
+def clear_pinned_mode(layer: Any) -> None:
+    """Remove the stored mode (when a layer is unpinned)."""
+    try:
+        delattr(layer, _MODE_ATTR)
+    except AttributeError:  # pragma: no cover - Keras 3 tracking may refuse deletion
+        object.__delattr__(layer, _MODE_ATTR)
+
+
+@cache
+def _class_takes_training(cls: type) -> bool:
+    call = getattr(cls, "call", None)
+    if call is None:
+        return False
+    try:
+        return "training" in inspect.signature(call).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return False
+
+
+def depends_on_phase(layer: Any) -> bool:
+    """True when the layer's ``call`` takes ``training`` (and it is not a model).
+
+    Keras 3's Dense and EinsumDense take ``training`` only for float8 quantized training;
+    unless they are float8-quantized they do not count.
+    """
+    if isinstance(layer, Model) or training_matters_only_for_float8(layer):
+        return False
+    return _class_takes_training(original_class(layer))
+
+
+def overridden_phase_method(layer: Any) -> str | None:
+    """The BN method a custom subclass overrides that bnfreeze relies on, or ``None``.
+
+    bnfreeze decides a BatchNormalization's statistics through Keras's own ``call``
+    (and tf-keras's ``_get_training_value``); a subclass outside Keras that overrides
+    one of them may use other statistics, so freeze and recalibrate refuse it.
+    """
+    base = original_class(layer)
+    for name in ("call", "_get_training_value"):
+        for klass in base.__mro__:
+            if name in vars(klass):
+                module = klass.__module__ or ""
+                if not module.startswith(("keras.", "tf_keras.", "bnfreeze.")):
+                    return name
+                break
+    return None
+
+
+def check_supported_batch_norm(path: str, layer: Any) -> None:
+    """Raise :class:`UnsupportedLayerError` for a BN variant bnfreeze cannot vouch for."""
+    method = overridden_phase_method(layer)
+    if method is None:
+        return
+    raise UnsupportedLayerError(
+        f"Layer {path!r} is a {original_class(layer).__name__}, a BatchNormalization variant "
+        f"that overrides `{method}`, so bnfreeze cannot vouch for which statistics it uses. "
+        "Expected keras.layers.BatchNormalization (or a subclass that only changes its "
+        "constructor or config). Leave it out of `layers=` (for example with a predicate), "
+        "or replace it with a standard BatchNormalization."
+    )
