@@ -16,11 +16,15 @@ from bnfreeze._audit import (
     compare_phases,
 )
 from bnfreeze._errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BackendError,
     BNFreezeError,
     DataError,
     FindingsError,
     ModeError,
     ModelError,
+    SavedFormatError,
     SelectionError,
     UnsupportedLayerError,
 )
@@ -33,10 +37,13 @@ from bnfreeze._select import up_to
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "AuditReport",
     "BNFreezeError",
     "BNMode",
     "BN_MODES",
+    "BackendError",
     "Behaviour",
     "DataError",
     "Finding",
@@ -46,6 +53,7 @@ __all__ = [
     "ModeError",
     "ModelError",
     "PhaseComparison",
+    "SavedFormatError",
     "SelectionError",
     "UnsupportedLayerError",
     "__version__",

@@ -12,6 +12,8 @@ import contextlib
 import os
 from typing import Any
 
+from bnfreeze._errors import BackendError
+
 _LEGACY_ENV = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower()
 IS_TF_KERAS: bool = _LEGACY_ENV in ("1", "true", "yes")
 
@@ -40,6 +42,7 @@ __all__ = [
     "KERAS_VERSION",
     "Layer",
     "Model",
+    "backend_name",
     "bn_branch_decided_upfront",
     "bn_uses_batch_statistics",
     "compiled_loss_value",
@@ -57,6 +60,7 @@ __all__ = [
     "recorded_training",
     "register_serialized_name",
     "remove_recorded_training",
+    "require_tensorflow_backend",
     "reset_compiled_functions",
     "run_updates_even_if_frozen",
     "set_recorded_training",
@@ -103,6 +107,27 @@ def training_matters_only_for_float8(layer: Any) -> bool:
     if IS_TF_KERAS or not isinstance(layer, FLOAT8_TRAINING_ONLY):
         return False
     return getattr(layer, "quantization_mode", None) != "float8"
+
+
+def backend_name() -> str:
+    """The Keras backend in use (``"tensorflow"`` for tf-keras)."""
+    if IS_TF_KERAS:
+        return "tensorflow"
+    return str(keras.backend.backend())
+
+
+def require_tensorflow_backend(function: str) -> None:
+    """Raise :class:`BackendError` unless Keras runs on TensorFlow (what ``function`` needs:
+    graph tracing, ``tf.function`` or ``tf.distribute``)."""
+    backend = backend_name()
+    if backend == "tensorflow":
+        return
+    raise BackendError(
+        f"`{function}` needs Keras's TensorFlow backend (it traces the model with "
+        f"TensorFlow). Received: Keras running on the {backend!r} backend. Set "
+        "KERAS_BACKEND=tensorflow before importing Keras; freeze and unfreeze work on "
+        "every backend."
+    )
 
 
 def flavour_label() -> str:

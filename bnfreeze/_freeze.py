@@ -23,6 +23,7 @@ from bnfreeze._kinds import (
     depends_on_phase,
     is_batch_norm,
     is_pinned,
+    mark_kept_active,
     pinned_mode,
 )
 from bnfreeze._layers import pin, unpin
@@ -39,6 +40,7 @@ class _Step:
     node: Node
     pin: str | None  # the mode to pin, or None to leave the layer unpinned
     trainable: bool
+    kept_active: bool = False  # frozen with keep_dropout=True: active in fit on purpose
 
 
 def _check_supported(steps: list[_Step]) -> None:
@@ -77,6 +79,7 @@ def _apply(model: Any, nodes: list[Node], steps: dict[int, _Step], final: dict[i
             unpin(node.layer)
         else:
             pin(node.layer, step.pin)
+        mark_kept_active(node.layer, step.kept_active)
     _sync_recorded_training(model, nodes)
     reset_compiled_functions(model)
 
@@ -174,6 +177,8 @@ def freeze(
             planned.append(_Step(node, spec.name, spec.trains_affine))
         elif depends_on_phase(layer) and not keep_dropout:
             planned.append(_Step(node, PINNED_INFERENCE, False))
+        elif depends_on_phase(layer):
+            planned.append(_Step(node, None, False, kept_active=True))
         else:
             planned.append(_Step(node, None, False))
     _plan_and_apply(model, nodes, planned)

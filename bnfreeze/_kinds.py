@@ -17,6 +17,7 @@ from bnfreeze._errors import UnsupportedLayerError
 
 _ORIGINAL: dict[type, type] = {}  # generated pinned class -> the class it was made from
 _MODE_ATTR = "_bnfreeze_mode"
+_KEPT_ACTIVE_ATTR = "_bnfreeze_kept_active"
 
 
 def is_batch_norm(layer: Any) -> bool:
@@ -57,6 +58,20 @@ def clear_pinned_mode(layer: Any) -> None:
         delattr(layer, _MODE_ATTR)
     except AttributeError:  # pragma: no cover - Keras 3 tracking may refuse deletion
         object.__delattr__(layer, _MODE_ATTR)
+
+
+def mark_kept_active(layer: Any, kept: bool) -> None:
+    """Record (or clear) that ``freeze(..., keep_dropout=True)`` left ``layer`` active in a
+    frozen part on purpose. Not saved with the model."""
+    if kept:
+        object.__setattr__(layer, _KEPT_ACTIVE_ATTR, True)
+    else:
+        layer.__dict__.pop(_KEPT_ACTIVE_ATTR, None)
+
+
+def is_kept_active(layer: Any) -> bool:
+    """True when ``freeze(..., keep_dropout=True)`` left ``layer`` active on purpose."""
+    return bool(layer.__dict__.get(_KEPT_ACTIVE_ATTR, False))
 
 
 @cache

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 
-from bnfreeze._compat import IS_TF_KERAS, keras, strategy_of, tf_variable
+from bnfreeze._compat import keras, require_tensorflow_backend, strategy_of, tf_variable
 from bnfreeze._errors import ArgumentError, DataError, SelectionError
 from bnfreeze._kinds import (
     check_supported_batch_norm,
@@ -156,7 +156,7 @@ def recalibrate(
         True
     """
     check_model(model, function="recalibrate")
-    _check_backend()
+    require_tensorflow_backend("recalibrate")
     if not (isinstance(upstream, str) and upstream in UPSTREAM_VALUES):
         raise ArgumentError(
             f"Expected `upstream` to be one of {UPSTREAM_VALUES}. Received: upstream={upstream!r}."
@@ -197,15 +197,6 @@ def recalibrate(
 
 
 # --- argument checks ------------------------------------------------------------------
-
-
-def _check_backend() -> None:
-    if not IS_TF_KERAS and keras.backend.backend() != "tensorflow":
-        raise ArgumentError(
-            "`recalibrate` runs on the TensorFlow backend (it uses tf.function and "
-            f"tf.distribute). Received: the {keras.backend.backend()!r} backend. Set "
-            "KERAS_BACKEND=tensorflow."
-        )
 
 
 def _check_count(value: Any, name: str) -> int | None:
