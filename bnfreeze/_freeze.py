@@ -154,7 +154,7 @@ def freeze(
         UnsupportedLayerError: a selected BN variant overrides its own ``call``.
         ArgumentTypeError: ``keep_dropout`` is not a bool.
 
-    Example:
+    Examples:
         >>> import keras, bnfreeze
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="dense"),
         ...     keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="head")])
@@ -209,7 +209,7 @@ def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = No
     Raises:
         ModelError, ModeError, SelectionError: as [`freeze`][bnfreeze.freeze].
 
-    Example:
+    Examples:
         >>> import keras, bnfreeze
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
         ...                           keras.layers.BatchNormalization()])
