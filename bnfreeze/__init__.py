@@ -5,16 +5,7 @@
 ['adapt', 'affine', 'inference', 'train']
 """
 
-from bnfreeze._audit import (
-    AuditReport,
-    Behaviour,
-    Finding,
-    LayerDivergence,
-    LayerRecord,
-    PhaseComparison,
-    audit,
-    compare_phases,
-)
+from bnfreeze._audit import audit
 from bnfreeze._errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -31,7 +22,9 @@ from bnfreeze._errors import (
 from bnfreeze._freeze import freeze, unfreeze
 from bnfreeze._modes import MODE_NAMES as BN_MODES
 from bnfreeze._modes import BNMode
+from bnfreeze._phases import LayerDivergence, PhaseComparison, compare_phases
 from bnfreeze._recalibrate import recalibrate
+from bnfreeze._report import AuditReport, Behaviour, Finding, LayerRecord
 from bnfreeze._select import up_to
 
 __version__ = "0.1.0"

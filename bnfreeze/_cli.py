@@ -141,11 +141,7 @@ def _load(path: str, *, compile: bool) -> Any:
 def _cmd_audit(args: argparse.Namespace) -> int:
     import bnfreeze
 
-    model = _load(args.path, compile=args.compile)
-    audit = getattr(bnfreeze, "audit", None)
-    if audit is None:  # pragma: no cover - only before bnfreeze.audit exists
-        raise InputError("NotImplementedError", "this version of bnfreeze has no bnfreeze.audit.")
-    report = audit(model)
+    report = bnfreeze.audit(_load(args.path, compile=args.compile))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:

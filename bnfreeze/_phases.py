@@ -1,0 +1,328 @@
+"""compare_phases(): one batch run as fit runs it and as evaluate runs it, and where they differ.
+
+Both passes run eagerly and change nothing: on Keras 3 inside a ``keras.StatelessScope``
+(no assignment reaches a variable), on tf-keras with every variable a forward pass or a
+loss can write snapshotted and restored. During the ``fit`` pass each phase-dependent
+layer whose phase differs is also run in its ``evaluate`` phase on the very same input,
+which ranks where the divergence comes from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from bnfreeze._compat import (
+    compiled_loss_value,
+    fit_trainable_state,
+    forward_state_variables,
+    has_compiled_loss,
+    keras,
+    require_tensorflow_backend,
+    stateless_scope,
+    to_numpy,
+    trainer_forward,
+)
+from bnfreeze._errors import ModelError
+from bnfreeze._kinds import depends_on_phase, original_class
+from bnfreeze._layers import intercepted
+from bnfreeze._report import Phase
+from bnfreeze._trace import phase_shown, received_training
+from bnfreeze._walk import check_model, walk
+
+
+@dataclass(frozen=True)
+class LayerDivergence:
+    """How much one phase-dependent layer's own output differs between fit and evaluate.
+
+    Attributes:
+        path: The layer's path.
+        class_name: Its class.
+        divergence: RMS(fit-phase output - evaluate-phase output) on the input the layer
+            receives under ``fit``, divided by the RMS of that input; 0 when the layer
+            behaves the same in both.
+        fit_phase: Its phase under ``fit``.
+        evaluate_phase: Its phase under ``evaluate``.
+
+    Example:
+        >>> import keras, numpy as np, bnfreeze
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.2, name="d")])
+        >>> entry = bnfreeze.compare_phases(model, np.ones((64, 4), "float32")).layers[0]
+        >>> entry.path, entry.fit_phase, entry.evaluate_phase, entry.divergence > 0
+        ('d', 'training', 'inference', True)
+    """
+
+    path: str
+    class_name: str
+    divergence: float
+    fit_phase: Phase
+    evaluate_phase: Phase
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-serialisable dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PhaseComparison:
+    """The result of `compare_phases`; ``print(result)`` explains it in a few lines.
+
+    Attributes:
+        loss: ``{"training": ..., "inference": ...}``: the loss ``fit`` and ``evaluate``
+            report on the batch, or ``None`` when no ``y`` was given.
+        divergence: RMS(fit output - evaluate output) / RMS(evaluate output).
+        layers: Every phase-dependent layer's own `LayerDivergence`, largest first.
+
+    Example:
+        >>> import keras, numpy as np, bnfreeze
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> print(bnfreeze.compare_phases(model, np.ones((2, 4), "float32")))
+        output divergence (relative RMS): 0
+        no phase-dependent layer behaves differently in fit and evaluate
+
+    How to read it: [compare_phases](audit.md#compare_phases-why-fit-and-evaluate-disagree).
+    """
+
+    loss: dict[str, float] | None
+    divergence: float
+    layers: list[LayerDivergence]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-serialisable dict."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = []
+        if self.loss is not None:
+            lines.append(
+                f"loss: fit (training) {self.loss['training']:.6g}, "
+                f"evaluate (inference) {self.loss['inference']:.6g}"
+            )
+        lines.append(f"output divergence (relative RMS): {self.divergence:.6g}")
+        shown = [e for e in self.layers if e.divergence > 0][:10]
+        if shown:
+            width = max(len(e.path) for e in shown)
+            lines.append("where it comes from (each layer's own divergence, largest first):")
+            for e in shown:
+                lines.append(
+                    f"  {e.path.ljust(width)}  {e.divergence:10.4g}  {e.class_name} "
+                    f"(fit: {e.fit_phase}, evaluate: {e.evaluate_phase})"
+                )
+        else:
+            lines.append("no phase-dependent layer behaves differently in fit and evaluate")
+        return "\n".join(lines)
+
+
+def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> PhaseComparison:
+    """Run one batch as ``fit`` and as ``evaluate`` would, and explain the difference.
+
+    "Why does fit say 5.3 when evaluate says 0.3?": the model is called as the installed
+    Keras's ``fit`` and ``evaluate`` call it, and each phase-dependent layer that differs
+    is also run both ways on the same input, which ranks where the divergence comes from.
+    **Nothing in the model changes.** More in
+    [compare_phases](audit.md#compare_phases-why-fit-and-evaluate-disagree).
+
+    Args:
+        model: A built ``keras.Model``.
+        x: One batch of inputs (array, or list/dict of arrays).
+        y: Its targets; without them no loss is computed.
+        loss: A loss (name or callable ``loss(y_true, y_pred)``) instead of the compiled
+            one; its mean plus the model's own losses (regularizers) is reported.
+
+    Returns:
+        A `PhaseComparison`: ``loss`` (``{"training", "inference"}``), ``divergence``
+        and ``layers`` (largest first).
+
+    Raises:
+        BackendError: Keras does not run on TensorFlow.
+        ModelError: Not a built Keras model, or ``y`` without a compiled loss or ``loss=``.
+
+    Example:
+        >>> import keras, numpy as np, bnfreeze
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="d"),
+        ...                           keras.layers.BatchNormalization(name="bn")])
+        >>> model.compile(loss="mse")
+        >>> x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+        >>> result = bnfreeze.compare_phases(model, x, np.zeros((8, 4), "float32"))
+        >>> sorted(result.loss), result.layers[0].path
+        (['inference', 'training'], 'bn')
+    """
+    require_tensorflow_backend("compare_phases")
+    check_model(model, function="compare_phases")
+    if y is not None and loss is None and not has_compiled_loss(model):
+        raise ModelError(
+            f"compare_phases received targets `y` but model {model.name!r} is not "
+            "compiled with a loss. Expected model.compile(loss=...) first, or pass "
+            "loss= (e.g. loss='mse')."
+        )
+    import tensorflow as tf
+
+    if isinstance(x, tuple):
+        x = list(x)
+    x = tf.nest.map_structure(tf.convert_to_tensor, x)
+    if y is not None:
+        y = tf.nest.map_structure(tf.convert_to_tensor, list(y) if isinstance(y, tuple) else y)
+    rows = [n for n in walk(model) if depends_on_phase(n.layer)]
+    # Keras 3: each pass runs in a StatelessScope, so no assign reaches a variable. tf-keras
+    # has no such scope: everything a forward pass or loss can write is snapshotted and
+    # restored (trainable weights are never written by a forward pass).
+    stateless = stateless_scope() is not None
+    variables = [] if stateless else [v for v in forward_state_variables(model) if not v.trainable]
+    saved = [to_numpy(v).copy() for v in variables]
+
+    def no_updates() -> Any:
+        return stateless_scope() or contextlib.nullcontext()
+
+    eval_seen: dict[int, tuple[Any, Phase]] = {}  # layer -> (training received, phase)
+    fit_seen: dict[int, tuple[Phase, Any]] = {}  # layer -> (phase, divergence terms)
+
+    def record_eval(layer: Any, original: Any, sig: Any, args: Any, kwargs: Any) -> Any:
+        if id(layer) not in eval_seen:
+            received = received_training(sig, args, kwargs)
+            eval_seen[id(layer)] = (received, phase_shown(layer, received))
+        return original(*args, **kwargs)
+
+    def record_fit(layer: Any, original: Any, sig: Any, args: Any, kwargs: Any) -> Any:
+        if id(layer) in fit_seen or id(layer) not in eval_seen:
+            return original(*args, **kwargs)
+        phase = phase_shown(layer, received_training(sig, args, kwargs))
+        eval_training, eval_phase = eval_seen[id(layer)]
+        terms = None
+        if phase != eval_phase:
+            # The layer's evaluate behaviour on the very input it gets under fit, before
+            # its fit call below changes any state (moving statistics, seeds).
+            bound = sig.bind_partial(*args, **kwargs)
+            bound.arguments["training"] = eval_training
+            other = original(*bound.args, **bound.kwargs)
+        out = original(*args, **kwargs)
+        if phase != eval_phase:
+            terms = _divergence_terms(out, other, args[:1])
+        fit_seen[id(layer)] = (phase, terms)
+        return out
+
+    watched = [n.layer for n in rows]
+    try:
+        # evaluate first: it normally changes nothing, so fit then starts from the same
+        # state without a restore in between (only a layer in its training behaviour
+        # under evaluate, e.g. hard-coded training=True, can change state).
+        with no_updates(), intercepted(watched, record_eval):
+            eval_out = trainer_forward(model, x, training=False)
+            eval_loss = (
+                _loss_value(model, x, y, eval_out, loss, training=False) if y is not None else None
+            )
+        if variables and any(phase == "training" for _t, phase in eval_seen.values()):
+            _assign_all(variables, saved)
+        with no_updates(), fit_trainable_state(model), intercepted(watched, record_fit):
+            fit_out = trainer_forward(model, x, training=True)
+            fit_loss = (
+                _loss_value(model, x, y, fit_out, loss, training=True) if y is not None else None
+            )
+        pending = [
+            (node, *fit_seen[id(node.layer)], eval_seen[id(node.layer)][1])
+            for node in rows
+            if id(node.layer) in fit_seen
+        ]
+        values = _resolve(
+            [_divergence_terms(fit_out, eval_out, eval_out), *(p[2] for p in pending)]
+        )
+    finally:
+        _assign_all(variables, saved)
+    entries = [
+        LayerDivergence(
+            node.path, original_class(node.layer).__name__, value, fit_phase, eval_phase
+        )
+        for (node, fit_phase, _terms, eval_phase), value in zip(pending, values[1:], strict=True)
+    ]
+    entries.sort(key=lambda e: -(e.divergence if not math.isnan(e.divergence) else -1.0))
+    result_loss = (
+        {"training": fit_loss, "inference": eval_loss}
+        if fit_loss is not None and eval_loss is not None
+        else None
+    )
+    return PhaseComparison(result_loss, values[0], entries)
+
+
+def _tensors(structure: Any) -> list[Any]:
+    import tensorflow as tf
+
+    return [
+        tf.cast(t, "float32")
+        for t in tf.nest.flatten(structure)
+        if t is not None and hasattr(t, "shape") and hasattr(t, "dtype")
+    ]
+
+
+def _half_sum_of_squares(tensors: list[Any]) -> Any:
+    import tensorflow as tf
+
+    sums = [tf.nn.l2_loss(t) for t in tensors]  # sum(t ** 2) / 2, one op each
+    return sums[0] if len(sums) == 1 else tf.add_n(sums)
+
+
+def _divergence_terms(a: Any, b: Any, scale: Any) -> Any:
+    """``(sum (a-b)^2 / 2, size, sum scale^2 / 2, size)``, tensors not yet read (``None``:
+    shapes differ)."""
+    ta, tb, ts = _tensors(a), _tensors(b), _tensors(scale)
+    if (
+        not ta
+        or len(ta) != len(tb)
+        or any(x.shape != y.shape for x, y in zip(ta, tb, strict=False))
+    ):
+        return None
+    diff = _half_sum_of_squares([x - y for x, y in zip(ta, tb, strict=False)])
+    ref = _half_sum_of_squares(ts) if ts else None
+    count = float(sum(int(np.prod(t.shape)) for t in ta))
+    ref_count = float(sum(int(np.prod(t.shape)) for t in ts))
+    return diff, count, ref, ref_count
+
+
+def _resolve(terms: list[Any]) -> list[float]:
+    """RMS(a - b) / RMS(scale) for every entry, with one device-to-host copy.
+
+    ``None`` terms (the layer behaves the same in both phases) give 0.0.
+    """
+    import tensorflow as tf
+
+    tensors = []
+    for term in terms:
+        if term is not None:
+            tensors.append(term[0])
+            tensors.append(term[2] if term[2] is not None else tf.constant(0.0))
+    table = to_numpy(tf.stack(tensors)).astype("float64") if tensors else np.zeros(0)
+    values, row = [], 0
+    for term in terms:
+        if term is None:
+            values.append(0.0)
+            continue
+        diff, ref = table[row], table[row + 1]
+        row += 2
+        count, ref_count = term[1], term[3]
+        rms = math.sqrt(diff / count) if count else 0.0
+        ref_rms = math.sqrt(ref / ref_count) if ref_count else 0.0
+        values.append(rms / ref_rms if ref_rms > 0 else rms)
+    return values
+
+
+def _loss_value(model: Any, x: Any, y: Any, y_pred: Any, loss: Any, *, training: bool) -> float:
+    import tensorflow as tf
+
+    if loss is None:
+        value = compiled_loss_value(model, x, y, y_pred, training=training)
+    else:
+        fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+        ys, preds = tf.nest.flatten(y), tf.nest.flatten(y_pred)
+        terms = [
+            tf.reduce_mean(tf.cast(fn(t, p), "float32")) for t, p in zip(ys, preds, strict=False)
+        ]
+        terms += [tf.reduce_sum(tf.cast(v, "float32")) for v in model.losses]
+        value = tf.add_n(terms)
+    return float(to_numpy(value))
+
+
+def _assign_all(variables: list[Any], values: list[np.ndarray]) -> None:
+    for v, value in zip(variables, values, strict=False):
+        v.assign(value)
