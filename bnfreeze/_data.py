@@ -1,10 +1,28 @@
-"""What bnfreeze reads as data: batches of model inputs, and their signatures."""
+"""What bnfreeze reads as data: batches of model inputs, and their signatures.
+
+:func:`open_source` turns anything ``model.predict`` accepts (arrays, a batched
+``tf.data.Dataset``, a ``keras.utils.PyDataset`` -- ``Sequence`` in tf-keras -- or a
+Python generator) into a :class:`Source` of batches of ``x``; :func:`check_batch`
+compares a batch with the model's declared inputs; :func:`batch_spec` gives the
+``tf.TensorSpec`` of a batch (recalibrate's traced step and the audit use it).
+"""
 
 from __future__ import annotations
 
+import itertools
+import types
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
+import tensorflow as tf
+
+from bnfreeze._compat import keras
+from bnfreeze._errors import ArgumentError, DataError
+
+DEFAULT_BATCH_SIZE = 32
+
+__all__ = ["DEFAULT_BATCH_SIZE", "Source", "batch_spec", "check_batch", "open_source"]
 
 
 def batch_spec(structure: Any, batch_size: int | Literal["keep"] | None = None) -> Any:
@@ -14,7 +32,6 @@ def batch_spec(structure: Any, batch_size: int | Literal["keep"] | None = None) 
     >>> batch_spec({"a": np.zeros((4, 3), "float32")})
     {'a': TensorSpec(shape=(None, 3), dtype=tf.float32, name=None)}
     """
-    import tensorflow as tf
 
     def one(value: Any) -> Any:
         if not (hasattr(value, "shape") and hasattr(value, "dtype")):
@@ -27,3 +44,255 @@ def batch_spec(structure: Any, batch_size: int | Literal["keep"] | None = None) 
     if isinstance(structure, tuple):
         structure = list(structure)
     return tf.nest.map_structure(one, structure)
+
+
+def is_array(value: Any) -> bool:
+    """A numpy array, a tensor, or anything array-like enough to be sliced and converted."""
+    return isinstance(value, (np.ndarray, tf.Tensor)) or (
+        hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__getitem__")
+    )
+
+
+def _no_batch(kind: str) -> DataError:
+    return DataError(
+        f"`data` ({kind}) yielded no batch. Expected at least one batch of inputs to compute "
+        "statistics from."
+    )
+
+
+def _unpack(element: Any) -> Any:
+    """``x`` of a dataset/generator element ``x`` or ``(x, y[, sample_weight])``."""
+    if isinstance(element, list):
+        element = tuple(element)
+    if isinstance(element, tuple) and len(element) in (1, 2, 3):
+        return element[0]
+    return element
+
+
+def _as_batch(x: Any) -> Any:
+    """Several inputs as a list, the structure :func:`batch_spec` gives them."""
+    return list(x) if isinstance(x, tuple) else x
+
+
+def _model_inputs(model: Any) -> list[Any]:
+    """The model's symbolic inputs, or ``[]`` when it declares none (subclassed)."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return []
+    return list(inputs) if inputs else []
+
+
+def _in_memory_x(data: Any, model: Any) -> Any:
+    """``x`` of in-memory ``data`` given as ``x`` or ``(x, y[, sample_weight])``."""
+    if not isinstance(data, tuple) or len(data) not in (2, 3):
+        return data
+    if len(_model_inputs(model)) == len(data) and all(is_array(d) for d in data):
+        return data  # a multi-input x
+    return data[0]
+
+
+class Source:
+    """Batches of ``x`` from any of the kinds ``predict`` accepts, bounded by ``steps``."""
+
+    kind: str = "source"
+    #: Whether :meth:`batches` can be read more than once (the same batches each time).
+    reiterable: bool = True
+    total: int | None = None
+
+    def __init__(self, steps: int | None) -> None:
+        self.steps = steps
+        self._first: Any = None
+        self._peeked = False
+
+    def _raw(self) -> Iterator[Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read_first(self) -> Any:
+        return next(iter(self._raw()))
+
+    def peek(self) -> Any:
+        """The first batch (read once and kept)."""
+        if not self._peeked:
+            try:
+                self._first = _as_batch(self._read_first())
+            except StopIteration:
+                raise _no_batch(self.kind) from None
+            self._peeked = True
+        return self._first
+
+    def batches(self) -> Iterator[Any]:
+        """One pass over the data: at most ``steps`` batches, at least one."""
+        raw = self._raw()
+        if self.steps is not None:
+            raw = itertools.islice(raw, self.steps)
+        seen = 0
+        for x in raw:
+            seen += 1
+            yield _as_batch(x)
+        if seen == 0:
+            raise _no_batch(self.kind)
+
+    def target(self) -> int | None:
+        """The number of batches of a pass, or ``None`` when unknown."""
+        if self.total is None:
+            return self.steps
+        return min(self.total, self.steps) if self.steps is not None else self.total
+
+
+class _ArraySource(Source):
+    kind = "array"
+
+    def __init__(self, x: Any, batch_size: int | None, steps: int | None) -> None:
+        super().__init__(steps)
+        leaves = tf.nest.flatten(x)
+        if not leaves or not all(is_array(v) for v in leaves):
+            kinds = sorted({type(v).__name__ for v in leaves}) or [type(x).__name__]
+            raise DataError(
+                "Expected `data` to be a numpy array, a list or dict of arrays, a "
+                "tf.data.Dataset, a keras.utils.PyDataset or a Python generator. "
+                f"Received: {type(x).__name__} of {', '.join(kinds)}."
+            )
+        self.x = tf.nest.map_structure(np.asarray, x)
+        sizes = {int(np.shape(v)[0]) if np.ndim(v) else -1 for v in tf.nest.flatten(self.x)}
+        if len(sizes) != 1 or -1 in sizes:
+            raise DataError(
+                "Expected every input array in `data` to have the same number of samples "
+                f"(first dimension). Received sizes: {sorted(sizes)}."
+            )
+        self.size = sizes.pop()
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+        self.total = -(-self.size // self.batch_size)
+
+    def _raw(self) -> Iterator[Any]:
+        for start in range(0, self.size, self.batch_size):
+            stop = start + self.batch_size
+            yield tf.nest.map_structure(lambda v, a=start, b=stop: v[a:b], self.x)
+
+
+class _DatasetSource(Source):
+    kind = "tf.data.Dataset"
+
+    def __init__(self, dataset: Any, steps: int | None) -> None:
+        super().__init__(steps)
+        self.dataset = dataset
+        cardinality = int(dataset.cardinality())
+        if cardinality == tf.data.INFINITE_CARDINALITY and steps is None:
+            raise DataError(
+                "`data` is an infinite tf.data.Dataset (it repeats), so the pass would never "
+                "end. Expected `steps` to say how many batches to read."
+            )
+        self.total = cardinality if cardinality >= 0 else None
+
+    def _raw(self) -> Iterator[Any]:
+        for element in self.dataset:
+            yield _unpack(element)
+
+
+class _PyDatasetSource(Source):
+    kind = "PyDataset"
+
+    def __init__(self, dataset: Any, steps: int | None) -> None:
+        super().__init__(steps)
+        self.dataset = dataset
+        total = getattr(dataset, "num_batches", None)
+        if total is None:
+            try:
+                total = len(dataset)
+            except TypeError:
+                total = None
+        if total is None and steps is None:
+            raise DataError(
+                "`data` is a PyDataset without a length, so the pass would never end. "
+                "Expected `steps` to say how many batches to read."
+            )
+        self.total = total
+
+    def _raw(self) -> Iterator[Any]:
+        index = 0
+        while self.total is None or index < self.total:
+            yield _unpack(self.dataset[index])
+            index += 1
+
+
+class _GeneratorSource(Source):
+    kind = "Python generator"
+    reiterable = False
+
+    def __init__(self, generator: Any, steps: int | None) -> None:
+        super().__init__(steps)
+        self.generator = generator
+        self._used = False
+
+    def _raw(self) -> Iterator[Any]:
+        head: list[Any] = [self._first] if self._peeked and not self._used else []
+        self._used = True
+        return itertools.chain(head, (_unpack(e) for e in self.generator))
+
+    def _read_first(self) -> Any:
+        return _unpack(next(self.generator))
+
+
+def open_source(data: Any, *, batch_size: int | None, steps: int | None, model: Any) -> Source:
+    """The :class:`Source` for ``data``; ``batch_size`` applies to in-memory arrays only."""
+    py_dataset = getattr(keras.utils, "PyDataset", None) or keras.utils.Sequence
+    if isinstance(data, tf.data.Dataset):
+        source: Source = _DatasetSource(data, steps)
+    elif isinstance(data, (py_dataset, keras.utils.Sequence)):
+        source = _PyDatasetSource(data, steps)
+    elif isinstance(data, (types.GeneratorType, Iterator)) and not is_array(data):
+        source = _GeneratorSource(data, steps)
+    else:
+        return _ArraySource(_in_memory_x(data, model), batch_size, steps)
+    if batch_size is not None:
+        raise ArgumentError(
+            f"`batch_size` applies to in-memory arrays only; `data` is a {source.kind}, "
+            f"which is batched already. Received: batch_size={batch_size}. Remove "
+            "`batch_size` (or batch the data yourself)."
+        )
+    return source
+
+
+def _shape_text(shape: Any) -> str:
+    return (
+        "("
+        + ", ".join("None" if d is None else str(d) for d in shape)
+        + ("," if len(shape) == 1 else "")
+        + ")"
+    )
+
+
+def check_batch(model: Any, x: Any) -> None:
+    """Compare a batch with the model's declared inputs (when it declares them)."""
+    leaves = tf.nest.flatten(x)
+    for leaf in leaves:
+        if not is_array(leaf):
+            raise DataError(
+                "Expected every batch of `data` to hold arrays or tensors. Received a batch "
+                f"containing {type(leaf).__name__}."
+            )
+    inputs = _model_inputs(model)
+    if not inputs or isinstance(x, dict) or len(leaves) != len(inputs):
+        if inputs and not isinstance(x, dict):
+            raise DataError(
+                f"The model takes {len(inputs)} input(s) but a batch of `data` holds "
+                f"{len(leaves)} array(s). Expected x to be "
+                + ("an array" if len(inputs) == 1 else f"a list of {len(inputs)} arrays")
+                + " (datasets and generators may yield (x, y) pairs)."
+            )
+        return
+    for expected, leaf in zip(inputs, leaves, strict=True):
+        want = tuple(expected.shape)
+        got = (
+            tuple(int(d) for d in np.shape(leaf))
+            if not isinstance(leaf, tf.Tensor)
+            else tuple(leaf.shape)
+        )
+        ok = len(want) == len(got) and all(
+            w is None or w == g for w, g in zip(want[1:], got[1:], strict=True)
+        )
+        if not ok:
+            raise DataError(
+                f"Expected batches of `data` to match the model's input shape "
+                f"{_shape_text(want)}. Received: a batch of shape {_shape_text(got)}."
+            )
