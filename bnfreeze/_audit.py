@@ -13,7 +13,7 @@ from typing import Any
 from bnfreeze._compat import fit_trainable_variables, flavour_label, require_tensorflow_backend
 from bnfreeze._data import batch_spec
 from bnfreeze._errors import ArgumentError, ModelError
-from bnfreeze._findings import all_findings
+from bnfreeze._findings import Context, all_findings
 from bnfreeze._kinds import depends_on_phase, is_batch_norm, original_class, pinned_mode
 from bnfreeze._report import AuditReport, Behaviour, LayerRecord
 from bnfreeze._trace import (
@@ -97,7 +97,7 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
                 recorded_training=recorded_value(layer),
             )
         )
-    findings = all_findings(model, nodes, records, obs, batch_size or _static_batch(spec))
+    findings = all_findings(Context(model, nodes, records, obs, batch_size or _static_batch(spec)))
     return AuditReport(model.name, flavour_label(), records, findings)
 
 

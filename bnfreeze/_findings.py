@@ -108,24 +108,19 @@ def _finding(
     return Finding(code, severity or FINDING_CODES[code].severity, path, message, fix)
 
 
+@dataclass
 class Context:
     """Everything the rules read: the walk, the records, both observed passes."""
 
-    def __init__(
-        self,
-        model: Any,
-        nodes: list[Node],
-        rows: list[LayerRecord],
-        obs: Observation,
-        batch_size: int | None,
-    ) -> None:
-        self.model = model
-        self.nodes = nodes
-        self.rows = rows
-        self.obs = obs
-        self.batch_size = batch_size
-        self.by_layer = {id(n.layer): n for n in nodes}
-        self.parent_of = {id(n.layer): n.parent for n in nodes}
+    model: Any
+    nodes: list[Node]
+    rows: list[LayerRecord]
+    obs: Observation
+    batch_size: int | None  # the batch size fit will use, when known
+
+    def __post_init__(self) -> None:
+        self.by_layer = {id(n.layer): n for n in self.nodes}
+        self.parent_of = {id(n.layer): n.parent for n in self.nodes}
 
     def ancestors(self, layer: Any) -> Iterator[Any]:
         parent = self.parent_of.get(id(layer))
@@ -134,30 +129,20 @@ class Context:
             parent = self.parent_of.get(id(parent))
 
     def frozen_by(self, record: LayerRecord) -> str | None:
-        """The path of the frozen part ``record`` is in (itself or an ancestor), or None."""
+        """The path of the frozen part ``record`` is in (the outermost frozen part holding a
+        frozen layer, else its innermost frozen ancestor; ``""``: the model), or None."""
+        frozen = [
+            self.by_layer[id(a)].path for a in self.ancestors(record.layer) if not a.trainable
+        ]
         if not record.layer.trainable:
-            outer = record.path
-            for anc in self.ancestors(record.layer):
-                if not anc.trainable:
-                    outer = self.by_layer[id(anc)].path
-            return outer
-        for anc in self.ancestors(record.layer):
-            if not anc.trainable:
-                return self.by_layer[id(anc)].path
-        if not self.model.trainable:
-            return ""
-        return None
+            return frozen[-1] if frozen else record.path
+        if frozen:
+            return frozen[0]
+        return None if self.model.trainable else ""
 
 
-def all_findings(
-    model: Any,
-    nodes: list[Node],
-    rows: list[LayerRecord],
-    obs: Observation,
-    batch_size: int | None,
-) -> list[Finding]:
+def all_findings(ctx: Context) -> list[Finding]:
     """Every finding for an observed model, code by code in the order of `FINDING_CODES`."""
-    ctx = Context(model, nodes, rows, obs, batch_size)
     return [finding for code in FINDING_CODES for finding in RULES[code](ctx)]
 
 
