@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from bnfreeze._compat import IS_TF_KERAS, keras, to_numpy
@@ -106,6 +107,24 @@ def assert_unchanged(model: Any, before: dict[str, Any]) -> None:
     assert {k: v for k, v in after.items() if k != "values"} == {
         k: v for k, v in before.items() if k != "values"
     }
+
+
+def layer_at(model: Any, path: str) -> Any:
+    """The layer at ``path`` ("outer/inner/layer") of ``model``, found by the walker."""
+    return {n.path: n.layer for n in walk(model)}[path]
+
+
+def refused(
+    error: type[Exception], function: Callable[..., Any], model: Any, *args: Any, **kwargs: Any
+) -> str:
+    """``function(model, *args, **kwargs)`` raises exactly ``error`` and leaves ``model`` as
+    it was (validate, then mutate); returns the message for the caller to compare whole."""
+    before = model_state(model)
+    with pytest.raises(error) as info:
+        function(model, *args, **kwargs)
+    assert type(info.value) is error
+    assert_unchanged(model, before)
+    return str(info.value)
 
 
 def bn_layers(model: Any) -> list[Any]:
@@ -386,13 +405,8 @@ class SubBase(keras.Model):
         return self.bn(self.dense(inputs), training=training)
 
 
-class SubBaseNoTraining(keras.Model):
+class SubBaseNoTraining(SubBase):
     """A subclassed base, Dense -> BN, whose ``call`` has no ``training`` parameter."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.dense = L.Dense(8, name="dense")
-        self.bn = L.BatchNormalization(name="bn")
 
     def call(self, inputs: Any) -> Any:
         return self.bn(self.dense(inputs))

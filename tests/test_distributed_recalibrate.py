@@ -43,6 +43,14 @@ def single_device_reference(
     return {n: h.statistics(model.get_layer(n)) for n in ("bn1", "bn2")}
 
 
+def mirrored_two_bn_conv() -> tuple[Any, Any]:
+    """:func:`tests.helpers.two_bn_conv` built in the two-replica scope, and the strategy."""
+    strategy = mirrored()
+    with strategy.scope():
+        model = h.two_bn_conv()
+    return model, strategy
+
+
 def assert_replicas_hold(bn: Any, strategy: Any, mean: Any, var: Any) -> None:
     """Both replicas hold the same moving statistics, equal to the reference moments."""
     for variable, want in zip((bn.moving_mean, bn.moving_variance), (mean, var), strict=True):
@@ -56,11 +64,8 @@ def assert_replicas_hold(bn: Any, strategy: Any, mean: Any, var: Any) -> None:
 def test_mirrored_equals_single_device(upstream: str) -> None:
     """2 replicas: global statistics equal one device's, identical on every replica."""
     x = images(45)  # batches of 16, 16, 13 -> per replica 8/8, 8/8, 6/7
-    weights = h.two_bn_conv().get_weights()
-    strategy = mirrored()
-    with strategy.scope():
-        model = h.two_bn_conv()
-    model.set_weights(weights)
+    model, strategy = mirrored_two_bn_conv()
+    weights = model.get_weights()
     h.set_far_statistics(model)
     conv1 = activations(model, "bn1", x)
     bnfreeze.recalibrate(model, x, batch_size=16, upstream=upstream, verbose=0)
@@ -73,11 +78,7 @@ def test_mirrored_equals_single_device(upstream: str) -> None:
 def test_mirrored_batches_smaller_than_replicas() -> None:
     """Batches of 1 sample: one replica gets nothing; the statistics are still exact."""
     x = images(5)
-    weights = h.two_bn_conv().get_weights()
-    strategy = mirrored()
-    with strategy.scope():
-        model = h.two_bn_conv()
-    model.set_weights(weights)
+    model, strategy = mirrored_two_bn_conv()
     bnfreeze.recalibrate(model, x, batch_size=1, upstream="recalibrated", verbose=0)
     for name in ("bn1", "bn2"):
         reference = moments(activations(model, name, x), (0, 1, 2))

@@ -31,16 +31,6 @@ def assert_stats(layer: Any, mean: np.ndarray, var: np.ndarray, rtol: float = 1e
     np.testing.assert_allclose(got_var, var, rtol=rtol, atol=rtol * scale * scale)
 
 
-def _refused(error: type[Exception], model: Any, data: Any, **kwargs: Any) -> str:
-    """recalibrate(model, data, **kwargs) raises ``error`` and leaves the model as it was."""
-    before = h.model_state(model)
-    with pytest.raises(error) as info:
-        recalibrate(model, data, **kwargs)
-    assert type(info.value) is error
-    h.assert_unchanged(model, before)
-    return str(info.value)
-
-
 def chain() -> Any:
     """Dense -> BN1 -> Dense -> BN2 -> head, BN statistics far from the data."""
     inputs = keras.Input((6,))
@@ -226,15 +216,14 @@ def test_model_kinds(kind: str) -> None:
         "functional": ("dense", "bn"),
         "sequential": ("dense", "bn"),
     }[kind]
-    layers = {n.path: n.layer for n in bnfreeze._walk.walk(model)}
     before = {name: statistics(bn) for name, bn in ((b.name, b) for b in h.bn_layers(model))}
     recalibrate(model, x, batch_size=16, verbose=0)
     for bn in h.bn_layers(model):
         assert not np.allclose(statistics(bn)[0], before[bn.name][0])
     if kind == "shared":
         return  # two calls: covered by test_shared_layer_pools_both_calls
-    acts = to_numpy(layers[first[0]](x))
-    assert_stats(layers[first[1]], *moments(acts, (0,)))
+    acts = to_numpy(h.layer_at(model, first[0])(x))
+    assert_stats(h.layer_at(model, first[1]), *moments(acts, (0,)))
 
 
 def test_shared_layer_pools_both_calls() -> None:
@@ -251,7 +240,7 @@ def test_self_feeding_shared_layer_refused_for_recalibrated() -> None:
     """A BN fed by its own output has no inference-consistent statistics: clear error."""
     model = h.shared()
     x = h.inputs_for(model)
-    assert _refused(DataError, model, x, upstream="recalibrated", verbose=0) == (
+    assert h.refused(DataError, recalibrate, model, x, upstream="recalibrated", verbose=0) == (
         "Layer 'shared_bn' feeds its own input (it is shared and called on its own output), "
         "so no statistics can be consistent with inference for it. Use upstream='batch', or "
         "leave it out of `layers=`."
@@ -427,7 +416,7 @@ def test_error_in_second_pass_changes_nothing() -> None:
 def test_error_empty_array() -> None:
     """An empty array is refused: no batch to compute statistics from."""
     model = chain()
-    assert _refused(DataError, model, np.zeros((0, 6), "float32"), verbose=0) == (
+    assert h.refused(DataError, recalibrate, model, np.zeros((0, 6), "float32"), verbose=0) == (
         "`data` (array) yielded no batch. Expected at least one batch of inputs to compute "
         "statistics from."
     )
@@ -436,7 +425,7 @@ def test_error_empty_array() -> None:
 def test_error_empty_generator() -> None:
     """An exhausted generator is refused: no batch to compute statistics from."""
     model = chain()
-    assert _refused(DataError, model, (v for v in []), verbose=0) == (
+    assert h.refused(DataError, recalibrate, model, (v for v in []), verbose=0) == (
         "`data` (Python generator) yielded no batch. Expected at least one batch of inputs to "
         "compute statistics from."
     )
@@ -445,7 +434,7 @@ def test_error_empty_generator() -> None:
 def test_error_wrong_shape() -> None:
     """Batches of the wrong shape are refused with both shapes; nothing changes."""
     model = chain()
-    assert _refused(DataError, model, np.zeros((4, 5), "float32"), verbose=0) == (
+    assert h.refused(DataError, recalibrate, model, np.zeros((4, 5), "float32"), verbose=0) == (
         "Expected batches of `data` to match the model's input shape (None, 6). Received: a "
         "batch of shape (4, 5)."
     )
@@ -454,7 +443,9 @@ def test_error_wrong_shape() -> None:
 def test_error_no_batch_norm() -> None:
     """A model without BatchNormalization has nothing to recalibrate: clear error."""
     model = keras.Sequential([keras.Input((3,)), L.Dense(2, name="d")])
-    assert _refused(SelectionError, model, np.zeros((4, 3), "float32"), verbose=0) == (
+    assert h.refused(
+        SelectionError, recalibrate, model, np.zeros((4, 3), "float32"), verbose=0
+    ) == (
         "The model has no BatchNormalization layer, so there are no statistics to "
         "recalibrate. Expected a selection containing at least one BatchNormalization layer."
     )
@@ -463,7 +454,7 @@ def test_error_no_batch_norm() -> None:
 def test_error_selection_without_batch_norm() -> None:
     """A selection without BatchNormalization is refused, naming the selector."""
     model = chain()
-    assert _refused(SelectionError, model, x_data((6,)), layers="d*", verbose=0) == (
+    assert h.refused(SelectionError, recalibrate, model, x_data((6,)), layers="d*", verbose=0) == (
         "`layers`='d*' selects no BatchNormalization layer, so there are no statistics to "
         "recalibrate. Expected a selection containing at least one BatchNormalization layer."
     )
@@ -488,14 +479,16 @@ def test_error_selection_without_batch_norm() -> None:
 )
 def test_error_arguments(kwargs: dict[str, Any], message: str) -> None:
     """Each bad argument is refused with what was received and expected; nothing changes."""
-    assert _refused(bnfreeze.ArgumentError, chain(), x_data((6,)), **kwargs) == message
+    assert (
+        h.refused(bnfreeze.ArgumentError, recalibrate, chain(), x_data((6,)), **kwargs) == message
+    )
 
 
 def test_error_generator_with_recalibrated() -> None:
     """upstream='recalibrated' refuses a generator (it reads the data more than once)."""
     model = chain()
     x = x_data((6,))
-    assert _refused(DataError, model, _gen(x, 8), upstream="recalibrated") == (
+    assert h.refused(DataError, recalibrate, model, _gen(x, 8), upstream="recalibrated") == (
         "`upstream='recalibrated'` reads `data` once per level of BN dependency, but `data` is "
         "a Python generator, which can be read only once. Expected arrays, a tf.data.Dataset "
         "or a keras.utils.PyDataset; or use upstream='batch' (one pass)."
@@ -506,7 +499,7 @@ def test_error_batch_size_with_dataset() -> None:
     """batch_size with an already batched Dataset is refused with the fix."""
     model = chain()
     dataset = tf.data.Dataset.from_tensor_slices(x_data((6,))).batch(8)
-    assert _refused(bnfreeze.ArgumentError, model, dataset, batch_size=8) == (
+    assert h.refused(bnfreeze.ArgumentError, recalibrate, model, dataset, batch_size=8) == (
         "`batch_size` applies to in-memory arrays only; `data` is a tf.data.Dataset, which is "
         "batched already. Received: batch_size=8. Remove `batch_size` (or batch the data "
         "yourself)."
@@ -517,7 +510,7 @@ def test_error_infinite_dataset_without_steps() -> None:
     """An infinite Dataset without steps is refused (the pass would never end)."""
     model = chain()
     dataset = tf.data.Dataset.from_tensor_slices(x_data((6,))).batch(8).repeat()
-    assert _refused(DataError, model, dataset) == (
+    assert h.refused(DataError, recalibrate, model, dataset) == (
         "`data` is an infinite tf.data.Dataset (it repeats), so the pass would never end. "
         "Expected `steps` to say how many batches to read."
     )
@@ -549,7 +542,7 @@ def test_error_unused_layer() -> None:
     model = Skips()
     model(np.zeros((2, 3), "float32"))
     model.unused.build((None, 3))
-    assert _refused(DataError, model, x_data((3,)), verbose=0) == (
+    assert h.refused(DataError, recalibrate, model, x_data((3,)), verbose=0) == (
         "Layer 'unused' was not called when the model ran on `data`, so it has no statistics "
         "to recalibrate; nothing was changed. Expected every selected BatchNormalization layer "
         "to be used by the model's forward pass: leave it out of `layers=`."
