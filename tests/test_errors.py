@@ -29,26 +29,29 @@ def test_unknown_mode(function: Any) -> None:
     assert issubclass(bnfreeze.ModeError, ValueError)
 
 
-def test_not_a_model() -> None:
-    """A non-model gets a TypeError subclass that says what was received."""
-    with pytest.raises(bnfreeze.ModelError) as info:
-        bnfreeze.freeze([1, 2])
-    assert str(info.value) == (
-        "Expected `model` to be a keras.Model. Received: list ([1, 2]). "
-        "Wrap layers in a model first, e.g. keras.Sequential([layer])."
-    )
-    assert isinstance(info.value, TypeError)
+#: Each public function that takes a model, with the arguments it needs after it.
+MODEL_FUNCTIONS = {
+    "freeze": (bnfreeze.freeze, ()),
+    "unfreeze": (bnfreeze.unfreeze, ()),
+    "audit": (bnfreeze.audit, ()),
+    "compare_phases": (bnfreeze.compare_phases, (h.data((6,)),)),
+    "recalibrate": (bnfreeze.recalibrate, (h.data((6,)),)),
+}
 
 
-def test_a_layer_is_not_a_model() -> None:
-    """A bare layer is refused with the fix (wrap it in a model)."""
+@pytest.mark.parametrize("name", list(MODEL_FUNCTIONS))
+def test_not_a_model(name: str) -> None:
+    """Every function taking a model refuses a list or a bare layer, saying what it got."""
+    function, args = MODEL_FUNCTIONS[name]
     layer = keras.layers.BatchNormalization(name="lonely_bn")
-    with pytest.raises(bnfreeze.ModelError) as info:
-        bnfreeze.freeze(layer)
-    assert str(info.value) == (
-        f"Expected `model` to be a keras.Model. Received: a Keras layer ({layer!r:.80}). "
-        "Wrap layers in a model first, e.g. keras.Sequential([layer])."
-    )
+    for value, received in (([1, 2], "list ([1, 2])"), (layer, f"a Keras layer ({layer!r:.80})")):
+        with pytest.raises(bnfreeze.ModelError) as info:
+            function(value, *args)
+        assert str(info.value) == (
+            f"Expected `model` to be a keras.Model. Received: {received}. "
+            "Wrap layers in a model first, e.g. keras.Sequential([layer])."
+        )
+    assert issubclass(bnfreeze.ModelError, TypeError)
 
 
 def test_unbuilt_model() -> None:

@@ -516,17 +516,6 @@ def test_error_infinite_dataset_without_steps() -> None:
     )
 
 
-def test_error_not_a_model() -> None:
-    """A bare layer is refused with what was received and the fix."""
-    layer = L.Dense(3)
-    with pytest.raises(bnfreeze.ModelError) as info:
-        recalibrate(layer, x_data((6,)))
-    assert str(info.value) == (
-        f"Expected `model` to be a keras.Model. Received: a Keras layer ({layer!r:.80}). "
-        "Wrap layers in a model first, e.g. keras.Sequential([layer])."
-    )
-
-
 def test_error_unused_layer() -> None:
     """A selected BN the forward pass never calls: clear error, nothing changed."""
 
