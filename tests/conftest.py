@@ -29,3 +29,11 @@ def _fresh_session():
     keras.utils.set_random_seed(1234)
     np.random.seed(1234)
     yield
+
+
+@pytest.fixture
+def mixed_float16():
+    """Run the test under the mixed_float16 policy; float32 again afterwards."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")

@@ -13,10 +13,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import bnfreeze
-from bnfreeze._compat import IS_TF_KERAS, KERAS_VERSION, keras, recorded_training
+from bnfreeze._compat import (
+    IS_TF_KERAS,
+    KERAS_VERSION,
+    flavour_label,
+    keras,
+    recorded_training,
+    to_numpy,
+)
+from tests import helpers as h
 from tests.helpers import (
     BUILDERS,
     compile_sgd,
@@ -25,54 +32,25 @@ from tests.helpers import (
     set_far_statistics,
     snapshot,
     targets_for,
-    to_numpy,
 )
 
 L = keras.layers
 K315 = not IS_TF_KERAS and KERAS_VERSION < (3, 16, 0)
 K316 = not IS_TF_KERAS and KERAS_VERSION >= (3, 16, 0)
+#: A Dropout of rate 0.9 that fired cannot give the loss of one that did not.
+RATE = 0.9
 
 
 # --- the KERAS_FACTS cases ---------------------------------------------------------------
 
 
-def _base(name: str = "base") -> Any:
-    return keras.Sequential(
-        [keras.Input((6,)), L.Dense(8, name="dense"), L.BatchNormalization(name="bn")], name=name
-    )
-
-
-class SubBase(keras.Model):
-    """A subclassed base that passes ``training`` through."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.dense = L.Dense(8, name="dense")
-        self.bn = L.BatchNormalization(name="bn")
-
-    def call(self, inputs: Any, training: Any = None) -> Any:
-        return self.bn(self.dense(inputs), training=training)
-
-
-class SubBaseNoTraining(keras.Model):
-    """A subclassed base whose ``call`` has no ``training`` parameter."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.dense = L.Dense(8, name="dense")
-        self.bn = L.BatchNormalization(name="bn")
-
-    def call(self, inputs: Any) -> Any:
-        return self.bn(self.dense(inputs))
-
-
 class Outer(keras.Model):
-    """A subclassed outer model: ``self.base(x, training=False)`` then ``self.drop(h)``."""
+    """A subclassed outer model: ``self.base(x, training=False)`` then ``self.drop(hidden)``."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.base = _base()
-        self.drop = L.Dropout(0.9, name="drop")
+        self.base = h.base()
+        self.drop = L.Dropout(RATE, name="drop")
         self.head = L.Dense(2, name="head")
 
     def call(self, inputs: Any, training: Any = None) -> Any:
@@ -89,49 +67,53 @@ class Case:
     recorded_false: bool  # the graph records training=False for the part
 
 
-def _graph_case(part: Any, *, part_training: Any, bn_path: str) -> Case:
-    inputs = keras.Input((6,))
-    h = part(inputs) if part_training is None else part(inputs, training=part_training)
-    drop, head = L.Dropout(0.9, name="drop"), L.Dense(2, name="head")
-    model = keras.Model(inputs, head(drop(h)), name="case")
-    return Case(model, part, drop, head, bn_path, part_training is False)
+def _graph_case(kind: str = "sequential", *, training: bool | None) -> Case:
+    """A base of ``kind`` called with ``training`` (None: no argument) in an outer graph."""
+    guide = h.guide(h.base(kind), training=training, rate=RATE, name="case")
+    return Case(guide.model, guide.base, guide.drop, guide.head, "base/bn", training is False)
+
+
+def _flat_layers() -> tuple[Any, Any, Any, Any]:
+    """Dense, BN, Dropout and head layers for a one-level graph built by the caller."""
+    return (
+        L.Dense(8, name="dense"),
+        L.BatchNormalization(name="bn"),
+        L.Dropout(RATE, name="drop"),
+        L.Dense(2, name="head"),
+    )
 
 
 def case_bn_untrainable() -> Case:
-    case = _graph_case(_base(), part_training=None, bn_path="base/bn")
+    case = _graph_case(training=None)
     case.part.get_layer("bn").trainable = False
     return case
 
 
 def case_model_frozen() -> Case:
-    case = _graph_case(_base(), part_training=None, bn_path="base/bn")
+    case = _graph_case(training=None)
     case.model.trainable = False
     return case
 
 
 def case_guide_unfrozen() -> Case:
-    case = _graph_case(_base(), part_training=False, bn_path="base/bn")
+    case = _graph_case(training=False)
     case.part.trainable = False
     case.part.trainable = True  # the guide's fine-tuning step
     return case
 
 
 def case_guide_frozen() -> Case:
-    case = _graph_case(_base(), part_training=False, bn_path="base/bn")
+    case = _graph_case(training=False)
     case.part.trainable = False
     return case
 
 
 def case_subclassed_base() -> Case:
-    part = SubBase(name="base")
-    part(np.zeros((2, 6), "float32"))
-    return _graph_case(part, part_training=False, bn_path="base/bn")
+    return _graph_case("subclassed", training=False)
 
 
 def case_subclassed_base_no_training() -> Case:
-    part = SubBaseNoTraining(name="base")
-    part(np.zeros((2, 6), "float32"))
-    return _graph_case(part, part_training=False, bn_path="base/bn")
+    return _graph_case("subclassed_no_training", training=False)
 
 
 def case_subclassed_outer() -> Case:
@@ -142,8 +124,7 @@ def case_subclassed_outer() -> Case:
 
 def case_bn_training_false() -> Case:
     inputs = keras.Input((6,))
-    dense, bn = L.Dense(8, name="dense"), L.BatchNormalization(name="bn")
-    drop, head = L.Dropout(0.9, name="drop"), L.Dense(2, name="head")
+    dense, bn, drop, head = _flat_layers()
     model = keras.Model(inputs, head(drop(bn(dense(inputs), training=False))), name="case")
     part = keras.Sequential([dense, bn])
     return Case(model, part, drop, head, "bn", True)
@@ -152,8 +133,7 @@ def case_bn_training_false() -> Case:
 def case_clone_call_function() -> Case:
     """clone_model(..., call_function=...) injecting training=False into the BN (Keras 3)."""
     inputs = keras.Input((6,))
-    dense, bn = L.Dense(8, name="dense"), L.BatchNormalization(name="bn")
-    drop, head = L.Dropout(0.9, name="drop"), L.Dense(2, name="head")
+    dense, bn, drop, head = _flat_layers()
     original = keras.Model(inputs, head(drop(bn(dense(inputs)))), name="case")
 
     def call_function(layer: Any, *args: Any, **kwargs: Any) -> Any:
@@ -180,15 +160,6 @@ CASES = {
 }
 
 
-def _bn(model: Any, path: str) -> Any:
-    return bnfreeze.audit(model).row(path).layer
-
-
-def _restore(model: Any, saved: dict[str, np.ndarray]) -> None:
-    for i, v in enumerate(model.weights):
-        v.assign(saved[f"{i}:{v.name}"])
-
-
 def _mse(y: np.ndarray, pred: Any) -> float:
     return float(np.mean((to_numpy(pred) - y) ** 2))
 
@@ -202,18 +173,18 @@ class Measured:
 def measure_fit(case: Case, x: np.ndarray, y: np.ndarray) -> Measured:
     """One real fit step (SGD with learning rate 0); restores the weights afterwards."""
     model = case.model
-    bn = _bn(model, case.bn_path)
+    bn = h.layer_at(model, case.bn_path)
     compile_sgd(model, lr=0.0)
     saved = snapshot(model)
-    before = to_numpy(bn.moving_mean).copy()
-    history = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+    before = to_numpy(bn.moving_mean)
+    loss = h.fit_step(model, x, y)
     batch = not np.allclose(before, to_numpy(bn.moving_mean))
-    _restore(model, saved)
+    h.restore(model, saved)
     # Independent reference: the same layers called eagerly, BN in the measured phase,
     # Dropout off. A rate-0.9 Dropout that fired cannot give the same loss.
     reference = _mse(y, case.head(case.drop(case.part(x, training=batch), training=False)))
-    _restore(model, saved)
-    fired = not np.isclose(history.history["loss"][0], reference, rtol=1e-4, atol=1e-6)
+    h.restore(model, saved)
+    fired = not np.isclose(loss, reference, rtol=1e-4, atol=1e-6)
     return Measured(batch, fired)
 
 
@@ -233,7 +204,7 @@ def test_audit_matches_one_real_fit_step(name: str) -> None:
     codes = {(f.code, f.path) for f in report.findings}
     # The recorded training=False is flagged exactly when fit does not honour it (tf-keras
     # drops it from the node of a base whose call has no training parameter: no record).
-    holder = case.part if "/" in case.bn_path else report.row(case.bn_path).layer
+    holder = case.part if "/" in case.bn_path else h.layer_at(case.model, case.bn_path)
     recorded = any(v is False for _n, v in recorded_training(holder))
     assert recorded is (case.recorded_false and not (IS_TF_KERAS and "no_training" in name))
     ignored = recorded and measured.bn_batch
@@ -268,10 +239,9 @@ def test_audit_reports_the_known_flavour_facts(name: str) -> None:
 def test_hard_coded_training_true_in_evaluate_matches_real_evaluate() -> None:
     """BN/Dropout called with training=True: the evaluate column matches a real evaluate."""
     inputs = keras.Input((6,))
-    dense, bn = L.Dense(8, name="dense"), L.BatchNormalization(name="bn")
-    drop, head = L.Dropout(0.9, name="drop"), L.Dense(2, name="head")
-    h = drop(bn(dense(inputs), training=True), training=True)
-    model = keras.Model(inputs, head(h))
+    dense, bn, drop, head = _flat_layers()
+    hidden = drop(bn(dense(inputs), training=True), training=True)
+    model = keras.Model(inputs, head(hidden))
     set_far_statistics(model)
     x, y = data((6,), 8), data((2,), 8, seed=1)
     report = bnfreeze.audit(model)
@@ -281,9 +251,9 @@ def test_hard_coded_training_true_in_evaluate_matches_real_evaluate() -> None:
     updated = not np.allclose(
         saved[next(k for k in saved if "moving_mean" in k)], to_numpy(bn.moving_mean)
     )
-    _restore(model, saved)
+    h.restore(model, saved)
     reference = _mse(y, head(drop(bn(dense(x), training=updated), training=False)))
-    _restore(model, saved)
+    h.restore(model, saved)
     fired = not np.isclose(loss, reference, rtol=1e-4, atol=1e-6)
     row = report.row("bn")
     assert row.evaluate.updates_state is updated
@@ -298,14 +268,14 @@ def test_resnet50_guide_pattern_every_bn_matches_one_fit_step() -> None:
     base = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))
     base.trainable = False
     inputs = keras.Input((64, 64, 3))
-    h = L.GlobalAveragePooling2D(name="pool")(base(inputs, training=False))
-    model = keras.Model(inputs, L.Dense(2, name="head")(h))
+    hidden = L.GlobalAveragePooling2D(name="pool")(base(inputs, training=False))
+    model = keras.Model(inputs, L.Dense(2, name="head")(hidden))
     base.trainable = True
     report = bnfreeze.audit(model)
     bns = [r for r in report.rows if r.class_name == "BatchNormalization"]
     assert len(bns) == 53
     compile_sgd(model, lr=0.0)
-    before = {r.path: to_numpy(r.layer.moving_mean).copy() for r in bns}
+    before = {r.path: to_numpy(r.layer.moving_mean) for r in bns}
     model.fit(data((64, 64, 3), 2), data((2,), 2), batch_size=2, verbose=0)
     changed = {r.path: not np.allclose(before[r.path], to_numpy(r.layer.moving_mean)) for r in bns}
     assert {r.path: r.fit.updates_state for r in bns} == changed
@@ -336,7 +306,7 @@ def test_model_frozen_with_defaults_has_no_findings(kind: str) -> None:
 
 def test_frozen_part_whose_bn_still_uses_batch_statistics() -> None:
     """A BN made trainable again inside a frozen base is flagged, and really adapts in fit."""
-    case = _graph_case(_base(), part_training=None, bn_path="base/bn")
+    case = _graph_case(training=None)
     case.part.trainable = False
     case.part.get_layer("bn").trainable = True
     report = bnfreeze.audit(case.model)
@@ -385,7 +355,7 @@ def test_trainable_changed_since_compile_is_flagged_until_recompile() -> None:
     assert len(finding) == 1 and finding[0].path == ""
     assert "2 variable(s) now frozen are still trained by fit" in finding[0].message
     assert report.row("bn").fit.trains_weights  # fit still trains what it was built with
-    kernel = to_numpy(model.get_layer("dense").kernel).copy()
+    kernel = to_numpy(model.get_layer("dense").kernel)
     model.fit(x, y, epochs=1, verbose=0)
     assert not np.allclose(kernel, to_numpy(model.get_layer("dense").kernel))  # really trained
     compile_sgd(model, lr=0.1)
@@ -398,11 +368,10 @@ def test_trainable_changed_since_compile_is_flagged_until_recompile() -> None:
 @pytest.mark.parametrize("synchronized", [False, True], ids=["plain", "synchronized"])
 def test_bn_in_training_mode_under_two_replicas(synchronized: bool) -> None:
     """Non-synchronized BN in training mode under a 2-replica MirroredStrategy is flagged."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
+    with h.mirrored().scope():
         inputs = keras.Input((6,))
-        h = L.BatchNormalization(name="bn", synchronized=synchronized)(L.Dense(8)(inputs))
-        model = keras.Model(inputs, L.Dense(2)(h))
+        hidden = L.BatchNormalization(name="bn", synchronized=synchronized)(L.Dense(8)(inputs))
+        model = keras.Model(inputs, L.Dense(2)(hidden))
         compile_sgd(model)
     report = bnfreeze.audit(model)
     codes = [(f.code, f.path) for f in report.findings]
@@ -446,7 +415,7 @@ def test_recorded_signature_default_is_the_cross_version_hazard() -> None:
     compile_sgd(model, lr=0.0)
     saved = snapshot(model)
     loss = model.fit(x, y, batch_size=8, verbose=0).history["loss"][0]
-    _restore(model, saved)
+    h.restore(model, saved)
     assert (not np.isclose(loss, _mse(y, model(x, training=False)), rtol=1e-4)) is fires
 
 
@@ -460,12 +429,12 @@ def test_recorded_training_true_on_augmentation_matches_real_predict() -> None:
 
     inputs = keras.Input((8, 8, 3))
     flip = L.RandomFlip("horizontal", name="flip")
-    h = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="conv")(flip(inputs)))
-    model = keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(h)))
+    hidden = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="conv")(flip(inputs)))
+    model = keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(hidden)))
     set_recorded_training(flip._inbound_nodes[0], True)
     report = bnfreeze.audit(model)
     bn = model.get_layer("bn")
-    before = to_numpy(bn.moving_mean).copy()
+    before = to_numpy(bn.moving_mean)
     model.predict(data((8, 8, 3), 4) + 3.0, verbose=0)
     updated = not np.allclose(before, to_numpy(bn.moving_mean))
     assert report.row("bn").predict.updates_state is updated
@@ -477,9 +446,9 @@ def test_recorded_training_true_on_augmentation_matches_real_predict() -> None:
 def test_layers_whose_phase_changes_nothing_raise_no_findings() -> None:
     """An LSTM without dropout (rate 0) is a row, but no finding is about it."""
     inputs = keras.Input((4, 6))
-    h = L.LSTM(3, return_sequences=True, name="plain")(inputs)
-    h = L.LSTM(3, dropout=0.2, name="with_dropout")(h)
-    report = bnfreeze.audit(keras.Model(inputs, h))
+    hidden = L.LSTM(3, return_sequences=True, name="plain")(inputs)
+    hidden = L.LSTM(3, dropout=0.2, name="with_dropout")(hidden)
+    report = bnfreeze.audit(keras.Model(inputs, hidden))
     assert {r.path for r in report.rows} == {"plain", "with_dropout"}
     messages = " ".join(f.message for f in report.findings)
     assert "plain" not in messages
@@ -499,14 +468,14 @@ class Noisy(keras.layers.Layer):
 def test_rows_cover_builtin_and_custom_phase_dependent_layers() -> None:
     """Rows: BN, noise, dropout, RNN, attention, spectral norm, custom; none for Dense."""
     inputs = keras.Input((4, 6))
-    h = L.GaussianNoise(0.1, name="noise")(inputs)
-    h = L.LSTM(6, dropout=0.2, return_sequences=True, name="lstm")(h)
-    h = L.MultiHeadAttention(2, 3, dropout=0.1, name="mha")(h, h)
-    h = L.BatchNormalization(name="bn")(h)
-    h = Noisy(name="custom")(h)
-    h = L.Flatten()(h)
-    h = L.SpectralNormalization(L.Dense(3), name="sn")(h)
-    model = keras.Model(inputs, L.Dense(2, name="head")(h))
+    hidden = L.GaussianNoise(0.1, name="noise")(inputs)
+    hidden = L.LSTM(6, dropout=0.2, return_sequences=True, name="lstm")(hidden)
+    hidden = L.MultiHeadAttention(2, 3, dropout=0.1, name="mha")(hidden, hidden)
+    hidden = L.BatchNormalization(name="bn")(hidden)
+    hidden = Noisy(name="custom")(hidden)
+    hidden = L.Flatten()(hidden)
+    hidden = L.SpectralNormalization(L.Dense(3), name="sn")(hidden)
+    model = keras.Model(inputs, L.Dense(2, name="head")(hidden))
     report = bnfreeze.audit(model)
     assert {r.path for r in report.rows} == {"noise", "lstm", "mha", "bn", "custom", "sn"}
     assert all(r.fit.phase == "training" for r in report.rows)
@@ -516,7 +485,7 @@ def test_rows_cover_builtin_and_custom_phase_dependent_layers() -> None:
     # The spectral norm's power-iteration vector really changes in one fit step.
     sn = report.row("sn").layer
     state = next(iter(sn.non_trainable_weights))
-    before = to_numpy(state).copy()
+    before = to_numpy(state)
     compile_sgd(model, lr=0.0)
     model.fit(data((4, 6), 4), data((2,), 4), verbose=0)
     assert not np.allclose(before, to_numpy(state))
@@ -531,7 +500,7 @@ def test_audit_changes_nothing() -> None:
     x, y = data((6,), 8), data((2,), 8)
     model.fit(x, y, verbose=0)
     train_function = model.train_function
-    before = [to_numpy(v).copy() for v in [*model.variables, *model.optimizer.variables]]
+    before = [to_numpy(v) for v in [*model.variables, *model.optimizer.variables]]
     bnfreeze.audit(model)
     after = [to_numpy(v) for v in [*model.variables, *model.optimizer.variables]]
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
@@ -542,21 +511,98 @@ def test_audit_changes_nothing() -> None:
 # --- rendering and errors ----------------------------------------------------------------
 
 
-def test_report_renders_as_text_html_and_json() -> None:
-    """print(report) is a table + findings, HTML for notebooks, to_dict is JSON."""
-    model = case_bn_training_false().model
-    report = bnfreeze.audit(model)
-    text = str(report)
-    assert text.splitlines()[0].startswith(f"audit of model 'case' ({report.flavour}): 2 ")
-    assert "path  class               trainable  bn_mode  fit" in text
-    assert ("findings:" in text) is bool(report.findings)
-    assert "<table>" in report._repr_html_() and "drop" in report._repr_html_()
-    data_ = json.loads(json.dumps(report.to_dict()))
-    assert data_["rows"][0]["path"] == "bn" and data_["rows"][0]["fit"]["phase"] in (
-        "training",
-        "inference",
+#: The finding of ``audit(functional(), batch_size=1)``, identical on every flavour.
+BATCH_OF_ONE = (
+    "[error] bn-batch-size-one at 'bn': BatchNormalization 'bn' uses batch statistics under "
+    "fit and is fed batches of size 1: each statistic is computed from a single value: the "
+    "variance is 0 and the output is beta whatever the input; its moving statistics follow "
+    "single examples.\n"
+    "  fix: Train with larger batches, or pin it to its moving statistics with "
+    "bnfreeze.freeze(model, 'bn', bn_mode='affine')."
+)
+LEGEND = (
+    "(training/inference: which behaviour the layer shows; +stats: moving statistics "
+    "updated; +weights: weights trained)"
+)
+
+
+def test_report_renders_rows_and_findings_as_text_html_and_json() -> None:
+    """print(report) is the table then each finding; the HTML and to_dict hold the same."""
+    report = bnfreeze.audit(h.functional(), batch_size=1)
+    flavour = flavour_label()
+    assert str(report) == "\n".join(
+        [
+            f"audit of model 'functional' ({flavour}): 1 phase-dependent layer, 1 finding",
+            "",
+            "path  class               trainable  bn_mode  fit                       "
+            "evaluate   predict",
+            "bn    BatchNormalization  yes        -        training +stats +weights  "
+            "inference  inference",
+            LEGEND,
+            "",
+            "findings:",
+            BATCH_OF_ONE,
+        ]
     )
-    assert isinstance(report.findings, list)
+    html = report._repr_html_()
+    assert html.startswith(
+        f"<div><p>audit of model <code>functional</code> ({flavour}): 1 phase-dependent "
+        "layer, 1 finding</p><table>"
+    )
+    assert (
+        "<tr><td>bn</td><td>BatchNormalization</td><td>yes</td><td>-</td><td>training +stats "
+        "+weights</td><td>inference</td><td>inference</td></tr>"
+    ) in html
+    assert html.endswith(
+        "<ul><li><b>error</b> <code>bn-batch-size-one</code> at <code>bn</code>: "
+        "BatchNormalization &#x27;bn&#x27; uses batch statistics under fit and is fed batches "
+        "of size 1: each statistic is computed from a single value: the variance is 0 and the "
+        "output is beta whatever the input; its moving statistics follow single examples."
+        "<br><i>fix:</i> Train with larger batches, or pin it to its moving statistics with "
+        "bnfreeze.freeze(model, &#x27;bn&#x27;, bn_mode=&#x27;affine&#x27;).</li></ul></div>"
+    )
+    message, fix = BATCH_OF_ONE.split(": ", 1)[1].split("\n  fix: ")
+    phase = {"phase": "inference", "updates_state": False, "trains_weights": False}
+    assert json.loads(json.dumps(report.to_dict())) == {
+        "model": "functional",
+        "flavour": flavour,
+        "rows": [
+            {
+                "path": "bn",
+                "layer": "bn",
+                "class_name": "BatchNormalization",
+                "trainable": True,
+                "bn_mode": None,
+                "fit": {
+                    "phase": "training",
+                    "updates_state": True,
+                    "trains_weights": True,
+                    "training": True,
+                },
+                "evaluate": {**phase, "training": False},
+                "predict": {**phase, "training": False},
+                "recorded_training": None,
+            }
+        ],
+        "findings": [
+            {
+                "code": "bn-batch-size-one",
+                "severity": "error",
+                "path": "bn",
+                "message": message,
+                "fix": fix,
+            }
+        ],
+    }
+
+
+def test_report_without_findings_says_so() -> None:
+    """A report with no findings ends with 'no findings' in text and HTML and lists none."""
+    report = bnfreeze.audit(bnfreeze.freeze(h.functional()))
+    assert report.findings == [] and report.ok
+    assert str(report).endswith(f"inference  inference  inference\n{LEGEND}\n\nno findings")
+    assert report._repr_html_().endswith("</table><p>no findings</p></div>")
+    assert report.to_dict()["findings"] == []
 
 
 def test_raise_for_findings() -> None:
@@ -564,11 +610,19 @@ def test_raise_for_findings() -> None:
     report = bnfreeze.audit(BUILDERS["functional"](), batch_size=1)
     with pytest.raises(bnfreeze.FindingsError) as info:
         report.raise_for_findings()
-    assert str(info.value).startswith(
-        f"The audit of model 'functional' ({report.flavour}) has 1 finding(s):\n"
-        "[error] bn-batch-size-one at 'bn': "
+    assert str(info.value) == (
+        f"The audit of model 'functional' ({flavour_label()}) has 1 finding(s):\n{BATCH_OF_ONE}"
     )
-    with pytest.raises(bnfreeze.BNFreezeError) as bad:
+    warned = bnfreeze.audit(BUILDERS["conv"](), batch_size=1)
+    assert [f.severity for f in warned.findings] == ["warning"]
+    warned.raise_for_findings("error")  # warnings only: an errors-only check passes
+    with pytest.raises(bnfreeze.FindingsError) as warning:
+        warned.raise_for_findings()
+    assert str(warning.value).startswith(
+        f"The audit of model 'conv' ({flavour_label()}) has 1 finding(s):\n"
+        "[warning] bn-batch-size-one at 'bn': "
+    )
+    with pytest.raises(bnfreeze.ArgumentError) as bad:
         report.raise_for_findings("fatal")  # type: ignore[arg-type]
     assert str(bad.value) == (
         "Expected `severity` to be one of ('warning', 'error'). Received: severity='fatal'."
@@ -576,15 +630,10 @@ def test_raise_for_findings() -> None:
 
 
 def test_errors_name_what_was_received() -> None:
-    """Bad arguments raise with what was received and expected."""
-    with pytest.raises(bnfreeze.ModelError):
-        bnfreeze.audit(L.Dense(2))
+    """Bad arguments raise with what was received and expected (not a model: test_errors)."""
     model = BUILDERS["functional"]()
-    with pytest.raises(bnfreeze.BNFreezeError) as info:
-        bnfreeze.audit(model, batch_size=0)
-    assert (
-        str(info.value)
-        == "Expected `batch_size` to be a positive int or None. Received: batch_size=0."
+    assert h.refused(bnfreeze.ArgumentError, bnfreeze.audit, model, batch_size=0) == (
+        "Expected `batch_size` to be a positive int or None. Received: batch_size=0."
     )
     with pytest.raises(bnfreeze.SelectionError) as missing:
         bnfreeze.audit(model).row("nope")
@@ -592,12 +641,27 @@ def test_errors_name_what_was_received() -> None:
         "No phase-dependent layer at 'nope' in the audit of model 'functional'. "
         "Expected one of ['bn']."
     )
-    with pytest.raises(bnfreeze.ModelError) as uncompiled:
-        bnfreeze.compare_phases(model, inputs_for(model), targets_for(model))
-    assert str(uncompiled.value) == (
+    x, y = inputs_for(model), targets_for(model)
+    assert h.refused(bnfreeze.ModelError, bnfreeze.compare_phases, model, x, y) == (
         "compare_phases received targets `y` but model 'functional' is not compiled with a "
         "loss. Expected model.compile(loss=...) first, or pass loss= (e.g. loss='mse')."
     )
+
+
+def test_row_with_a_name_several_rows_share_asks_for_the_path() -> None:
+    """report.row(name) raises when two rows end in that name, listing both; full paths work."""
+    first, second = h.base(name="first"), h.base(name="second")
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, L.Add(name="add")([first(inputs), second(inputs)]))
+    report = bnfreeze.audit(model)
+    with pytest.raises(bnfreeze.SelectionError) as info:
+        report.row("bn")
+    assert str(info.value) == (
+        "Layer name 'bn' is ambiguous in this audit; it matches ['first/bn', 'second/bn']. "
+        "Pass the full path."
+    )
+    assert report.row("first/bn").layer is first.get_layer("bn")
+    assert report.row("second/bn").layer is second.get_layer("bn")
 
 
 # --- compare_phases ----------------------------------------------------------------------
@@ -605,10 +669,10 @@ def test_errors_name_what_was_received() -> None:
 
 def _two_bn_model() -> Any:
     inputs = keras.Input((6,))
-    h = L.BatchNormalization(name="bn_near")(L.Dense(8, name="dense")(inputs))
-    h = L.Dropout(0.2, name="drop")(h)
-    h = L.BatchNormalization(name="bn_far")(h)
-    return keras.Model(inputs, L.Dense(2, name="head")(h), name="two_bn")
+    hidden = L.BatchNormalization(name="bn_near")(L.Dense(8, name="dense")(inputs))
+    hidden = L.Dropout(0.2, name="drop")(hidden)
+    hidden = L.BatchNormalization(name="bn_far")(hidden)
+    return keras.Model(inputs, L.Dense(2, name="head")(hidden), name="two_bn")
 
 
 def test_compare_phases_ranks_the_bn_with_far_statistics_first_and_changes_nothing() -> None:
@@ -619,7 +683,7 @@ def test_compare_phases_ranks_the_bn_with_far_statistics_first_and_changes_nothi
     bn_far.moving_variance.assign(np.full((8,), 0.05, "float32"))
     compile_sgd(model)
     x, y = data((6,), 16), data((2,), 16, seed=1)
-    before = [to_numpy(v).copy() for v in [*model.variables, *model.optimizer.variables]]
+    before = [to_numpy(v) for v in [*model.variables, *model.optimizer.variables]]
     result = bnfreeze.compare_phases(model, x, y)
     after = [to_numpy(v) for v in [*model.variables, *model.optimizer.variables]]
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))

@@ -21,100 +21,68 @@ import pytest
 import tensorflow as tf
 
 import bnfreeze
-from bnfreeze._compat import IS_TF_KERAS, keras
+from bnfreeze._compat import keras, to_numpy
 from tests import helpers as h
+from tests.helpers import activations, mirrored, moments, replica_values
 
 pytestmark = pytest.mark.distributed
 L = keras.layers
 ROOT = Path(__file__).resolve().parent.parent
 
-
-@functools.lru_cache(maxsize=1)
-def mirrored() -> Any:
-    """One strategy per process: two MirroredStrategy objects on the same devices reuse
-    collective instance keys, and TensorFlow then mixes their all-reduces up."""
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+#: ``n`` images for :func:`tests.helpers.two_bn_conv`, far from a fresh BN's statistics.
+images = functools.partial(h.data, (6, 6, 3), seed=5, loc=1.0, scale=2.0)
 
 
-def replica_values(variable: Any, strategy: Any) -> list[np.ndarray]:
-    """The value each replica holds (not the first replica's copy only)."""
-    value = getattr(variable, "value", None)
-    if value is None or callable(value):
-        value = variable
-    return [np.asarray(v.numpy()) for v in strategy.experimental_local_results(value)]
-
-
-def moments(a: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray(a, dtype=np.float64)
-    return a.mean(axis=axes), a.var(axis=axes)
-
-
-def x_data(n: int = 45) -> np.ndarray:
-    return np.random.default_rng(5).normal(1.0, 2.0, size=(n, 6, 6, 3)).astype("float32")
-
-
-def single_device_reference(weights: list[np.ndarray], x: np.ndarray, upstream: str) -> dict:
+def single_device_reference(
+    weights: list[np.ndarray], x: np.ndarray, upstream: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The same model and data recalibrated on one device (outside any strategy)."""
     model = h.two_bn_conv()
     model.set_weights(weights)
     bnfreeze.recalibrate(model, x, batch_size=16, upstream=upstream, verbose=0)
-    return {
-        n: [
-            h.to_numpy(v)
-            for v in (model.get_layer(n).moving_mean, model.get_layer(n).moving_variance)
-        ]
-        for n in ("bn1", "bn2")
-    }
+    return {n: h.statistics(model.get_layer(n)) for n in ("bn1", "bn2")}
+
+
+def mirrored_two_bn_conv() -> tuple[Any, Any]:
+    """:func:`tests.helpers.two_bn_conv` built in the two-replica scope, and the strategy."""
+    strategy = mirrored()
+    with strategy.scope():
+        model = h.two_bn_conv()
+    return model, strategy
+
+
+def assert_replicas_hold(bn: Any, strategy: Any, mean: Any, var: Any) -> None:
+    """Both replicas hold the same moving statistics, equal to the reference moments."""
+    for variable, want in zip((bn.moving_mean, bn.moving_variance), (mean, var), strict=True):
+        values = replica_values(variable, strategy)
+        assert len(values) == 2
+        np.testing.assert_array_equal(values[0], values[1])
+        np.testing.assert_allclose(values[0], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("upstream", ["batch", "recalibrated"])
 def test_mirrored_equals_single_device(upstream: str) -> None:
     """2 replicas: global statistics equal one device's, identical on every replica."""
-    x = x_data()  # 45 samples: batches of 16, 16, 13 -> per replica 8/8, 8/8, 6/7
-    weights = h.two_bn_conv().get_weights()
-    strategy = mirrored()
-    with strategy.scope():
-        model = h.two_bn_conv()
-    model.set_weights(weights)
+    x = images(45)  # batches of 16, 16, 13 -> per replica 8/8, 8/8, 6/7
+    model, strategy = mirrored_two_bn_conv()
+    weights = model.get_weights()
     h.set_far_statistics(model)
-    conv1 = h.to_numpy(keras.Model(model.inputs[0], model.get_layer("bn1").input)(x))
+    conv1 = activations(model, "bn1", x)
     bnfreeze.recalibrate(model, x, batch_size=16, upstream=upstream, verbose=0)
     want = single_device_reference(weights, x, upstream)
     for name in ("bn1", "bn2"):
-        bn = model.get_layer(name)
-        for variable, ref in zip((bn.moving_mean, bn.moving_variance), want[name], strict=True):
-            values = replica_values(variable, strategy)
-            assert len(values) == 2
-            np.testing.assert_array_equal(values[0], values[1])
-            np.testing.assert_allclose(values[0], ref, rtol=1e-5, atol=1e-6)
-    mean, var = moments(conv1, (0, 1, 2))
-    np.testing.assert_allclose(
-        replica_values(model.get_layer("bn1").moving_mean, strategy)[0], mean, rtol=1e-5, atol=1e-6
-    )
-    np.testing.assert_allclose(
-        replica_values(model.get_layer("bn1").moving_variance, strategy)[1], var, rtol=1e-5
-    )
+        assert_replicas_hold(model.get_layer(name), strategy, *want[name])
+    assert_replicas_hold(model.get_layer("bn1"), strategy, *moments(conv1, (0, 1, 2)))
 
 
 def test_mirrored_batches_smaller_than_replicas() -> None:
     """Batches of 1 sample: one replica gets nothing; the statistics are still exact."""
-    x = x_data(5)
-    weights = h.two_bn_conv().get_weights()
-    strategy = mirrored()
-    with strategy.scope():
-        model = h.two_bn_conv()
-    model.set_weights(weights)
+    x = images(5)
+    model, strategy = mirrored_two_bn_conv()
     bnfreeze.recalibrate(model, x, batch_size=1, upstream="recalibrated", verbose=0)
-    conv1 = h.to_numpy(keras.Model(model.inputs[0], model.get_layer("bn1").input)(x))
-    mean, var = moments(conv1, (0, 1, 2))
-    bn1 = model.get_layer("bn1")
-    for variable, ref in zip((bn1.moving_mean, bn1.moving_variance), (mean, var), strict=True):
-        values = replica_values(variable, strategy)
-        np.testing.assert_array_equal(values[0], values[1])
-        np.testing.assert_allclose(values[0], ref, rtol=1e-5, atol=1e-6)
-    conv2 = h.to_numpy(keras.Model(model.inputs[0], model.get_layer("bn2").input)(x))
-    mean2 = replica_values(model.get_layer("bn2").moving_mean, strategy)[0]
-    np.testing.assert_allclose(mean2, conv2.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    for name in ("bn1", "bn2"):
+        reference = moments(activations(model, name, x), (0, 1, 2))
+        assert_replicas_hold(model.get_layer(name), strategy, *reference)
 
 
 def test_mirrored_masked_and_channels_first() -> None:
@@ -136,35 +104,23 @@ def test_mirrored_masked_and_channels_first() -> None:
     t = rng.integers(1, 12, size=(21, 7)).astype("int32")
     t[np.arange(7)[None, :] >= rng.integers(1, 8, size=21)[:, None]] = 0
     bnfreeze.recalibrate(model, [x, t], batch_size=8, verbose=0)
-    vectors = h.to_numpy(model.get_layer("emb").embeddings)[t[t != 0]]
+    vectors = to_numpy(model.get_layer("emb").embeddings)[t[t != 0]]
     for name, ref in (("bn_cf", moments(x, (0, 2, 3))), ("bn_mask", moments(vectors, (0,)))):
-        bn = model.get_layer(name)
-        for variable, want in zip((bn.moving_mean, bn.moving_variance), ref, strict=True):
-            values = replica_values(variable, strategy)
-            np.testing.assert_array_equal(values[0], values[1])
-            np.testing.assert_allclose(values[0], want, rtol=1e-5, atol=1e-6)
+        assert_replicas_hold(model.get_layer(name), strategy, *ref)
 
 
 def test_mirrored_dataset_and_drifted_replicas() -> None:
     """Replicas that drifted apart in fit (KERAS_FACTS 8) end identical after recalibrate."""
-    x = x_data(32)
+    x = images(32)
     strategy = mirrored()
     with strategy.scope():
         model = h.two_bn_conv()
         h.compile_sgd(model, lr=0.0)
-    model.fit(x, np.zeros((32, 2), "float32"), batch_size=32, epochs=1, verbose=0)
+    h.fit_step(model, x, np.zeros((32, 2), "float32"))
     dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros((32, 2), "float32"))).batch(10)
     bnfreeze.recalibrate(model, dataset, verbose=0)
-    conv1 = h.to_numpy(keras.Model(model.inputs[0], model.get_layer("bn1").input)(x))
-    mean, var = moments(conv1, (0, 1, 2))
-    for variable, ref in zip(
-        (model.get_layer("bn1").moving_mean, model.get_layer("bn1").moving_variance),
-        (mean, var),
-        strict=True,
-    ):
-        values = replica_values(variable, strategy)
-        np.testing.assert_array_equal(values[0], values[1])
-        np.testing.assert_allclose(values[0], ref, rtol=1e-5, atol=1e-6)
+    reference = moments(activations(model, "bn1", x), (0, 1, 2))
+    assert_replicas_hold(model.get_layer("bn1"), strategy, *reference)
 
 
 def test_freeze_inside_strategy_scope() -> None:
@@ -176,7 +132,7 @@ def test_freeze_inside_strategy_scope() -> None:
         bnfreeze.freeze(model, ["conv1", "bn1"], bn_mode="inference")
         h.compile_sgd(model, lr=0.1)
     before = [replica_values(v, strategy) for v in model.get_layer("bn1").weights]
-    model.fit(x_data(16), np.ones((16, 2), "float32"), batch_size=16, epochs=1, verbose=0)
+    h.fit_step(model, images(16), np.ones((16, 2), "float32"))
     after = [replica_values(v, strategy) for v in model.get_layer("bn1").weights]
     for old, new in zip(before, after, strict=True):
         for a, b in zip(old, new, strict=True):
@@ -202,20 +158,8 @@ def test_audit_inside_strategy_scope() -> None:
     assert codes == [("unsynchronized-bn-replicas", "bn2")]
 
 
-@pytest.mark.skipif(IS_TF_KERAS, reason="tf-keras: checked separately below")
-@pytest.mark.parametrize("synchronized", [True])
-def test_adapt_mode_synchronized_across_replicas(synchronized: bool) -> None:
+def test_adapt_mode_synchronized_across_replicas() -> None:
     """adapt mode + synchronized=True BN: one momentum step with the global batch's moments."""
-    _check_adapt_synchronized()
-
-
-@pytest.mark.skipif(not IS_TF_KERAS, reason="tf-keras variant of the test above")
-def test_adapt_mode_synchronized_across_replicas_tf_keras() -> None:
-    """tf-keras: the same check with its synchronized BatchNormalization."""
-    _check_adapt_synchronized()
-
-
-def _check_adapt_synchronized() -> None:
     strategy = mirrored()
     x = np.random.default_rng(2).normal(3.0, 2.0, size=(16, 6)).astype("float32")
     x[8:] += 5.0  # the two replicas' halves differ: per-replica statistics would disagree
@@ -230,9 +174,10 @@ def _check_adapt_synchronized() -> None:
     dense = model.get_layer("dense")
     old_mean = replica_values(bn.moving_mean, strategy)[0]
     old_var = replica_values(bn.moving_variance, strategy)[0]
-    kernel, bias = (h.to_numpy(w) for w in dense.weights)
+    kernel, bias = (to_numpy(w) for w in dense.weights)
+    gamma, beta = to_numpy(bn.gamma), to_numpy(bn.beta)
     batch_mean, batch_var = moments(x @ kernel + bias, (0,))
-    model.fit(x, np.zeros((16, 2), "float32"), batch_size=16, epochs=1, verbose=0, shuffle=False)
+    h.fit_step(model, x, np.zeros((16, 2), "float32"))
     means = replica_values(bn.moving_mean, strategy)
     variances = replica_values(bn.moving_variance, strategy)
     np.testing.assert_allclose(means[0], means[1], rtol=1e-6)
@@ -242,7 +187,9 @@ def _check_adapt_synchronized() -> None:
     # Bessel correction either).
     np.testing.assert_allclose(variances[0], 0.5 * old_var + 0.5 * batch_var, rtol=1e-4)
     # gamma/beta frozen (adapt), dense frozen.
-    assert not bn.trainable or bnfreeze._kinds.pinned_mode(bn) == "adapt"
+    for variable, old in ((bn.gamma, gamma), (bn.beta, beta), (dense.kernel, kernel)):
+        for value in replica_values(variable, strategy):
+            np.testing.assert_array_equal(value, old)
 
 
 # --- MultiWorkerMirroredStrategy: two real worker processes ------------------------------
@@ -268,12 +215,7 @@ WORKER = textwrap.dedent(
         for name in ("bn1", "bn2"):
             for stat in ("moving_mean", "moving_variance"):
                 variable = getattr(model.get_layer(name), stat)
-                value = getattr(variable, "value", None)
-                if value is None or callable(value):
-                    value = variable
-                locals_ = strategy.experimental_local_results(value)
-                stacked = np.stack([np.asarray(v.numpy()) for v in locals_])
-                out[f"{upstream}/{name}/{stat}"] = stacked
+                out[f"{upstream}/{name}/{stat}"] = np.stack(h.replica_values(variable, strategy))
     out["replicas"] = np.array(strategy.num_replicas_in_sync)
     np.savez(sys.argv[2], **out)
     """
@@ -297,7 +239,7 @@ def test_multi_worker_equals_single_device(tmp_path: Path) -> None:
 
     Both ``upstream`` modes run in the same pair of workers (start-up dominates the time).
     """
-    x = x_data()
+    x = images(45)
     model = h.two_bn_conv()
     weights = model.get_weights()
     np.savez(tmp_path / "in.npz", x=x, **{f"w{i}": w for i, w in enumerate(weights)})

@@ -8,69 +8,34 @@ import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze._compat import keras
+from bnfreeze._compat import keras, to_numpy
 from bnfreeze._modes import MODES
+from bnfreeze._walk import walk
 from tests import helpers as h
 
 MODE_NAMES = list(MODES)
 KINDS = list(h.BUILDERS)
 
 
-def _bn_state(model: Any) -> dict[str, dict[str, np.ndarray]]:
-    out = {}
-    for bn in h.bn_layers(model):
-        out[bn.name] = {
-            "moving_mean": h.to_numpy(bn.moving_mean).copy(),
-            "moving_variance": h.to_numpy(bn.moving_variance).copy(),
-            "gamma": h.to_numpy(bn.gamma).copy(),
-            "beta": h.to_numpy(bn.beta).copy(),
-        }
-    return out
-
-
 def _non_bn_weights(model: Any) -> dict[int, np.ndarray]:
     bn_vars = {id(v) for bn in h.bn_layers(model) for v in bn.weights}
-    return {id(v): h.to_numpy(v).copy() for v in model.weights if id(v) not in bn_vars}
-
-
-def _one_step(model: Any, x: Any, y: Any) -> float:
-    n = len(x[0]) if isinstance(x, list) else len(x)
-    hist = model.fit(x, y, batch_size=n, epochs=1, verbose=0, shuffle=False)
-    return float(np.sum([v[0] for k, v in hist.history.items() if k == "loss"]))
+    return {id(v): to_numpy(v) for v in model.weights if id(v) not in bn_vars}
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_mode_matrix_whole_model(kind: str, mode: str) -> None:
-    """Each mode on each model kind: statistics, gamma/beta and frozen weights as the table says."""
+def test_every_mode_behaves_as_its_spec_on_every_model_kind(kind: str, mode: str) -> None:
+    """Each mode of MODES on each model kind: one real fit step does what its ModeSpec says."""
     model = h.BUILDERS[kind]()
     h.set_far_statistics(model)
     bnfreeze.freeze(model, bn_mode=mode)
     h.compile_sgd(model, lr=0.5)
-    x, y = h.inputs_for(model), h.targets_for(model)
-    eval_loss = model.evaluate(
-        x, y, batch_size=len(y[0]) if isinstance(y, list) else len(y), verbose=0
-    )
-    eval_loss = eval_loss[0] if isinstance(eval_loss, list) else eval_loss
-    before_bn, before_other = _bn_state(model), _non_bn_weights(model)
-    fit_loss = _one_step(model, x, y)
-    after_bn, after_other = _bn_state(model), _non_bn_weights(model)
-    spec = MODES[mode]
-    for name in before_bn:
-        stats_changed = not np.array_equal(
-            before_bn[name]["moving_mean"], after_bn[name]["moving_mean"]
-        ) and not np.array_equal(
-            before_bn[name]["moving_variance"], after_bn[name]["moving_variance"]
-        )
-        affine_changed = not np.array_equal(before_bn[name]["gamma"], after_bn[name]["gamma"])
-        assert stats_changed == spec.batch_statistics, (name, "statistics")
-        assert affine_changed == spec.trains_affine, (name, "gamma")
-    for key, value in before_other.items():
-        np.testing.assert_array_equal(value, after_other[key])
-    if spec.batch_statistics:
-        assert not np.isclose(fit_loss, eval_loss, rtol=1e-3)
-    else:
-        np.testing.assert_allclose(fit_loss, eval_loss, rtol=1e-5)
+    frozen_before = _non_bn_weights(model)
+    seen = h.observe_fit(model, h.inputs_for(model), h.targets_for(model))
+    h.assert_follows_mode(seen, MODES[mode])
+    assert len(seen.changed) == len(h.bn_layers(model))
+    for key, value in _non_bn_weights(model).items():
+        np.testing.assert_array_equal(frozen_before[key], value)
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
@@ -80,30 +45,25 @@ def test_batch_statistics_match_numpy(mode: str) -> None:
     h.set_far_statistics(model)
     bn = model.get_layer("bn")
     x, y = h.inputs_for(model), h.targets_for(model)
-    bn_input = keras.Model(model.inputs, model.get_layer("dense").output).predict(x, verbose=0)
-    old_mean = h.to_numpy(bn.moving_mean).copy()
-    old_var = h.to_numpy(bn.moving_variance).copy()
+    bn_input = h.activations(model, "bn", x)
+    old_mean, old_var = h.statistics(bn)
     bnfreeze.freeze(model, bn_mode=mode)
-    _one_step(h.compile_sgd(model, lr=0.0), x, y)
+    h.fit_step(h.compile_sgd(model, lr=0.0), x, y)
     m = bn.momentum
     if MODES[mode].batch_statistics:
         expect_mean = m * old_mean + (1 - m) * bn_input.mean(axis=0)
         expect_var = m * old_var + (1 - m) * bn_input.var(axis=0)
     else:
         expect_mean, expect_var = old_mean, old_var
-    np.testing.assert_allclose(h.to_numpy(bn.moving_mean), expect_mean, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(h.to_numpy(bn.moving_variance), expect_var, rtol=1e-4, atol=1e-5)
+    mean, var = h.statistics(bn)
+    np.testing.assert_allclose(mean, expect_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(var, expect_var, rtol=1e-4, atol=1e-5)
 
 
-def _guide_model(dropout: float = 0.5) -> tuple[Any, Any]:
-    inputs = keras.Input((6,))
-    base_out = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(8, name="d")(inputs))
-    base = keras.Model(inputs, base_out, name="base")
-    outer_in = keras.Input((6,))
-    hidden = base(outer_in, training=False)
-    hidden = keras.layers.Dropout(dropout, name="head_dropout")(hidden)
-    outputs = keras.layers.Dense(2, name="head")(hidden)
-    return keras.Model(outer_in, outputs, name="guide"), base
+def _guide_model(rate: float = 0.5) -> tuple[Any, Any]:
+    """The guide's pattern on a functional base: (model, base)."""
+    guide = h.guide(h.base("functional"), rate=rate)
+    return guide.model, guide.base
 
 
 def test_guide_pattern_base_unfrozen_keeps_inference_and_head_dropout() -> None:
@@ -112,26 +72,24 @@ def test_guide_pattern_base_unfrozen_keeps_inference_and_head_dropout() -> None:
     h.set_far_statistics(model)
     bnfreeze.freeze(model, "base")
     base.trainable = True
-    assert base.get_layer("d").trainable
+    assert base.get_layer("dense").trainable
     h.compile_sgd(model, lr=0.0)
     x, y = h.inputs_for(model), h.targets_for(model)
     bn = base.get_layer("bn")
-    stats = h.to_numpy(bn.moving_mean).copy()
-    eval_loss = model.evaluate(x, y, batch_size=8, verbose=0)
-    fit_losses = [_one_step(model, x, y) for _ in range(3)]
-    np.testing.assert_array_equal(stats, h.to_numpy(bn.moving_mean))
+    stats = to_numpy(bn.moving_mean)
+    eval_loss = h.evaluate_loss(model, x, y)
+    fit_losses = [h.fit_step(model, x, y) for _ in range(3)]
+    np.testing.assert_array_equal(stats, to_numpy(bn.moving_mean))
     # Dropout fires in the head: fit's losses differ from evaluate's and from each other.
     assert len({round(v, 6) for v in fit_losses}) > 1
     assert all(not np.isclose(v, eval_loss, rtol=1e-4) for v in fit_losses)
     # Without the head Dropout the same model has fit == evaluate.
-    model2, base2 = _guide_model(dropout=0.0)
+    model2, base2 = _guide_model(rate=0.0)
     h.set_far_statistics(model2)
     bnfreeze.freeze(model2, "base")
     base2.trainable = True
     h.compile_sgd(model2, lr=0.0)
-    np.testing.assert_allclose(
-        _one_step(model2, x, y), model2.evaluate(x, y, batch_size=8, verbose=0), rtol=1e-5
-    )
+    np.testing.assert_allclose(h.fit_step(model2, x, y), h.evaluate_loss(model2, x, y), rtol=1e-5)
 
 
 def test_pin_holds_after_trainable_changes() -> None:
@@ -143,26 +101,26 @@ def test_pin_holds_after_trainable_changes() -> None:
     model.trainable = True
     h.compile_sgd(model, lr=0.5)
     bn = model.get_layer("bn")
-    before = h.to_numpy(bn.moving_mean).copy(), h.to_numpy(bn.gamma).copy()
+    before = to_numpy(bn.moving_mean), to_numpy(bn.gamma)
     x, y = h.inputs_for(model), h.targets_for(model)
-    eval_loss = model.evaluate(x, y, batch_size=8, verbose=0)
-    np.testing.assert_allclose(_one_step(model, x, y), eval_loss, rtol=1e-5)
-    np.testing.assert_array_equal(before[0], h.to_numpy(bn.moving_mean))
-    assert not np.array_equal(before[1], h.to_numpy(bn.gamma))  # trainable decides gradients
+    eval_loss = h.evaluate_loss(model, x, y)
+    np.testing.assert_allclose(h.fit_step(model, x, y), eval_loss, rtol=1e-5)
+    np.testing.assert_array_equal(before[0], to_numpy(bn.moving_mean))
+    assert not np.array_equal(before[1], to_numpy(bn.gamma))  # trainable decides gradients
 
 
 def test_nested_frozen_container_reports_untrainable_and_can_be_unfrozen() -> None:
     """A nested model whose layers are all frozen says trainable=False; unfreezing it works."""
-    model, base = _guide_model(dropout=0.0)
+    model, base = _guide_model(rate=0.0)
     bnfreeze.freeze(model, "base")
     assert base.trainable is False
     assert model.trainable is True
     assert model.get_layer("head").trainable is True
     base.trainable = True
     h.compile_sgd(model, lr=0.5)
-    kernel = h.to_numpy(base.get_layer("d").kernel).copy()
-    _one_step(model, h.inputs_for(model), h.targets_for(model))
-    assert not np.array_equal(kernel, h.to_numpy(base.get_layer("d").kernel))
+    kernel = to_numpy(base.get_layer("dense").kernel)
+    h.fit_step(model, h.inputs_for(model), h.targets_for(model))
+    assert not np.array_equal(kernel, to_numpy(base.get_layer("dense").kernel))
 
 
 def test_single_image_frozen_model_fit_equals_evaluate() -> None:
@@ -173,9 +131,7 @@ def test_single_image_frozen_model_fit_equals_evaluate() -> None:
     model.compile(optimizer="adam", loss="mse")
     x = h.data((8, 8, 3), n=1)
     y = h.data((2,), n=1, seed=3)
-    eval_loss = model.evaluate(x, y, verbose=0)
-    fit_loss = model.fit(x, y, epochs=1, verbose=0).history["loss"][0]
-    np.testing.assert_allclose(fit_loss, eval_loss, rtol=1e-5)
+    np.testing.assert_allclose(h.fit_step(model, x, y), h.evaluate_loss(model, x, y), rtol=1e-5)
 
 
 def test_frozen_part_dropout_off_and_keep_dropout() -> None:
@@ -194,12 +150,10 @@ def test_frozen_part_dropout_off_and_keep_dropout() -> None:
     x, y = h.data((6,)), h.data((2,), seed=9)
     model = bnfreeze.freeze(build(), ["d", "drop"])
     h.compile_sgd(model, lr=0.0)
-    np.testing.assert_allclose(
-        _one_step(model, x, y), model.evaluate(x, y, batch_size=8, verbose=0), rtol=1e-5
-    )
+    np.testing.assert_allclose(h.fit_step(model, x, y), h.evaluate_loss(model, x, y), rtol=1e-5)
     model = bnfreeze.freeze(build(), ["d", "drop"], keep_dropout=True)
     h.compile_sgd(model, lr=0.0)
-    assert not np.isclose(_one_step(model, x, y), model.evaluate(x, y, batch_size=8, verbose=0))
+    assert not np.isclose(h.fit_step(model, x, y), h.evaluate_loss(model, x, y))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -211,10 +165,7 @@ def test_unfreeze_restores_config_and_values(kind: str) -> None:
     before = h.snapshot(model)
     bnfreeze.unfreeze(bnfreeze.freeze(model, bn_mode="adapt"))
     assert model.get_config() == config
-    after = h.snapshot(model)
-    assert before.keys() == after.keys()
-    for key in before:
-        np.testing.assert_array_equal(before[key], after[key])
+    h.assert_same_values(before, h.snapshot(model))
     assert all(type(bn) is keras.layers.BatchNormalization for bn in h.bn_layers(model))
 
 
@@ -250,12 +201,12 @@ def test_freeze_is_idempotent_and_switches_modes() -> None:
     """Freezing twice equals freezing once; freezing again with another mode switches."""
     twice = bnfreeze.freeze(h.nested(), bn_mode="affine")
     config = twice.get_config()
-    flags = [n.layer.trainable for n in bnfreeze._walk.walk(twice)]
+    flags = [n.layer.trainable for n in walk(twice)]
     bnfreeze.freeze(twice, bn_mode="affine")
     assert twice.get_config() == config
-    assert [n.layer.trainable for n in bnfreeze._walk.walk(twice)] == flags
+    assert [n.layer.trainable for n in walk(twice)] == flags
     bnfreeze.freeze(twice, bn_mode="adapt")
-    assert set(bnfreeze._freeze.frozen_modes(twice).values()) == {"adapt"}
+    assert set(h.frozen_modes(twice).values()) == {"adapt"}
     assert all(not bn.trainable for bn in h.bn_layers(twice))
 
 
@@ -270,12 +221,12 @@ def test_unfreeze_with_mode_fine_tunes_top_block() -> None:
     h.compile_sgd(model, lr=0.5)
     bn = inner.get_layer("bn_inner")
     stats, kernel = (
-        h.to_numpy(bn.moving_mean).copy(),
-        h.to_numpy(inner.get_layer("d_inner").kernel).copy(),
+        to_numpy(bn.moving_mean),
+        to_numpy(inner.get_layer("d_inner").kernel),
     )
-    _one_step(model, h.inputs_for(model), h.targets_for(model))
-    np.testing.assert_array_equal(stats, h.to_numpy(bn.moving_mean))
-    assert not np.array_equal(kernel, h.to_numpy(inner.get_layer("d_inner").kernel))
+    h.fit_step(model, h.inputs_for(model), h.targets_for(model))
+    np.testing.assert_array_equal(stats, to_numpy(bn.moving_mean))
+    assert not np.array_equal(kernel, to_numpy(inner.get_layer("d_inner").kernel))
 
 
 def test_up_to_freezes_prefix_in_topological_order() -> None:
@@ -285,7 +236,7 @@ def test_up_to_freezes_prefix_in_topological_order() -> None:
     middle = model.get_layer("middle")
     assert not middle.trainable
     assert model.get_layer("bn_outer").trainable and model.get_layer("head").trainable
-    assert bnfreeze._freeze.frozen_modes(model) == {
+    assert h.frozen_modes(model) == {
         "middle/inner/bn_inner": "inference",
         "middle/bn_middle": "inference",
     }
@@ -300,15 +251,15 @@ def test_save_and_load_keeps_modes_and_weights(mode: str, tmp_path: Any) -> None
     path = str(tmp_path / "frozen.keras")
     model.save(path)
     loaded = keras.models.load_model(path, safe_mode=True)
-    assert bnfreeze._freeze.frozen_modes(loaded) == bnfreeze._freeze.frozen_modes(model)
+    assert h.frozen_modes(loaded) == h.frozen_modes(model)
     before, after = h.snapshot(model), h.snapshot(loaded)
     for (k1, v1), (k2, v2) in zip(before.items(), after.items(), strict=True):
         np.testing.assert_array_equal(v1, v2, err_msg=f"{k1} vs {k2}")
     h.compile_sgd(loaded, lr=0.0)
     bn = loaded.get_layer("base").get_layer("bn")
-    stats = h.to_numpy(bn.moving_mean).copy()
-    _one_step(loaded, h.inputs_for(loaded), h.targets_for(loaded))
-    assert np.array_equal(stats, h.to_numpy(bn.moving_mean)) != MODES[mode].batch_statistics
+    stats = to_numpy(bn.moving_mean)
+    h.fit_step(loaded, h.inputs_for(loaded), h.targets_for(loaded))
+    assert np.array_equal(stats, to_numpy(bn.moving_mean)) != MODES[mode].batch_statistics
     # and it unfreezes to a plain model again
     bnfreeze.unfreeze(loaded)
     assert type(bn) is keras.layers.BatchNormalization
@@ -324,22 +275,7 @@ def test_weight_files_interchangeable_between_frozen_and_plain(tmp_path: Any) ->
     plain = h.nested()
     plain.load_weights(path)
     for a, b in zip(h.bn_layers(frozen), h.bn_layers(plain), strict=True):
-        np.testing.assert_array_equal(h.to_numpy(a.moving_mean), h.to_numpy(b.moving_mean))
-
-
-@keras.saving.register_keras_serializable(package="bnfreeze_tests")
-class SavableSubclassed(keras.Model):
-    def __init__(self, units: int = 4, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.units = units
-        self.dense = keras.layers.Dense(units, name="dense")
-        self.bn = keras.layers.BatchNormalization(name="bn")
-
-    def call(self, inputs: Any, training: Any = None) -> Any:
-        return self.bn(self.dense(inputs), training=training)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "units": self.units}
+        np.testing.assert_array_equal(to_numpy(a.moving_mean), to_numpy(b.moving_mean))
 
 
 def test_subclassed_save_load_keeps_weights_not_pins(tmp_path: Any) -> None:
@@ -347,76 +283,30 @@ def test_subclassed_save_load_keeps_weights_not_pins(tmp_path: Any) -> None:
 
     This is the documented limitation; freezing again after loading restores the behaviour.
     """
-    model = SavableSubclassed(name="savable")
-    model(h.data((3,)))
+    model = h.base("subclassed", name="savable")
     h.set_far_statistics(model)
     bnfreeze.freeze(model, bn_mode="adapt")
     path = str(tmp_path / "sub.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(
-        h.to_numpy(loaded.bn.moving_mean), h.to_numpy(model.bn.moving_mean)
-    )
-    assert bnfreeze._freeze.frozen_modes(loaded) == {}
+    np.testing.assert_array_equal(to_numpy(loaded.bn.moving_mean), to_numpy(model.bn.moving_mean))
+    assert h.frozen_modes(loaded) == {}
     bnfreeze.freeze(loaded, bn_mode="adapt")
-    assert bnfreeze._freeze.frozen_modes(loaded) == {"bn": "adapt"}
-
-
-class _BaseWithTraining(keras.Model):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.dense = keras.layers.Dense(8, name="d")
-        self.bn = keras.layers.BatchNormalization(name="bn")
-
-    def call(self, inputs: Any, training: Any = None) -> Any:
-        return self.bn(self.dense(inputs), training=training)
-
-
-class _BaseWithoutTraining(keras.Model):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.dense = keras.layers.Dense(8, name="d")
-        self.bn = keras.layers.BatchNormalization(name="bn")
-
-    def call(self, inputs: Any) -> Any:
-        return self.bn(self.dense(inputs))
-
-
-def _base(kind: str) -> Any:
-    if kind == "functional":
-        inputs = keras.Input((6,))
-        out = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(8, name="d")(inputs))
-        return keras.Model(inputs, out, name="base")
-    if kind == "sequential":
-        return keras.Sequential(
-            [
-                keras.Input((6,)),
-                keras.layers.Dense(8, name="d"),
-                keras.layers.BatchNormalization(name="bn"),
-            ],
-            name="base",
-        )
-    base = (_BaseWithTraining if kind == "subclassed" else _BaseWithoutTraining)(name="base")
-    base(h.data((6,)))
-    return base
+    assert h.frozen_modes(loaded) == {"bn": "adapt"}
 
 
 @pytest.mark.parametrize(
     "target", ["outer", "base"], ids=["freeze_outer_path", "freeze_base_itself"]
 )
-@pytest.mark.parametrize(
-    "base_kind", ["functional", "sequential", "subclassed", "subclassed_no_training"]
-)
+@pytest.mark.parametrize("base_kind", h.BASE_KINDS)
 @pytest.mark.parametrize("mode", ["inference", "adapt"])
 def test_guide_pattern_every_base_kind(base_kind: str, mode: str, target: str) -> None:
     """KERAS_FACTS rows: base(x, training=False) for every base kind, base unfrozen afterwards.
 
     The BN follows the frozen mode on every flavour, and the head's Dropout still fires.
     """
-    base = _base(base_kind)
-    inputs = keras.Input((6,))
-    hidden = keras.layers.Dropout(0.5, name="head_dropout")(base(inputs, training=False))
-    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+    guide = h.guide(h.base(base_kind))
+    model, base = guide.model, guide.base
     h.set_far_statistics(model)
     if target == "outer":
         bnfreeze.freeze(model, "base", bn_mode=mode)
@@ -426,10 +316,10 @@ def test_guide_pattern_every_base_kind(base_kind: str, mode: str, target: str) -
     h.compile_sgd(model, lr=0.0)
     x, y = h.inputs_for(model), h.targets_for(model)
     bn = h.bn_layers(base)[0]
-    stats = h.to_numpy(bn.moving_mean).copy()
-    eval_loss = model.evaluate(x, y, batch_size=8, verbose=0)
-    fit_losses = [_one_step(model, x, y) for _ in range(3)]
-    changed = not np.array_equal(stats, h.to_numpy(bn.moving_mean))
+    stats = to_numpy(bn.moving_mean)
+    eval_loss = h.evaluate_loss(model, x, y)
+    fit_losses = [h.fit_step(model, x, y) for _ in range(3)]
+    changed = not np.array_equal(stats, to_numpy(bn.moving_mean))
     assert changed == MODES[mode].batch_statistics
     assert len({round(v, 6) for v in fit_losses}) > 1, "the head's Dropout did not fire"
     assert all(not np.isclose(v, eval_loss, rtol=1e-4) for v in fit_losses)
@@ -455,12 +345,8 @@ def test_exotic_bn_settings_follow_mode_and_round_trip(mode: str) -> None:
     config, before = model.get_config(), h.snapshot(model)
     bnfreeze.freeze(model, bn_mode=mode)
     h.compile_sgd(model, lr=0.1)
-    x, y = h.data((4, 6)), h.data((4, 2), seed=4)
-    stats = {bn.name: h.to_numpy(bn.moving_mean).copy() for bn in h.bn_layers(model)}
-    _one_step(model, x, y)
-    for bn in h.bn_layers(model):
-        changed = not np.array_equal(stats[bn.name], h.to_numpy(bn.moving_mean))
-        assert changed == MODES[mode].batch_statistics, bn.name
+    seen = h.observe_fit(model, h.data((4, 6)), h.data((4, 2), seed=4))
+    h.assert_follows_mode(seen, MODES[mode])
     # Values changed by the step, but config is restored exactly and no variable was lost.
     bnfreeze.unfreeze(model)
     assert model.get_config() == config
@@ -473,12 +359,12 @@ def test_freeze_after_compile_and_fit_takes_effect() -> None:
     h.set_far_statistics(model)
     h.compile_sgd(model, lr=0.5)
     x, y = h.inputs_for(model), h.targets_for(model)
-    _one_step(model, x, y)
+    h.fit_step(model, x, y)
     bnfreeze.freeze(model, ["dense", "bn"])
-    kernel = h.to_numpy(model.get_layer("dense").kernel).copy()
-    stats = h.to_numpy(model.get_layer("bn").moving_mean).copy()
-    head = h.to_numpy(model.get_layer("head").kernel).copy()
-    _one_step(model, x, y)
-    np.testing.assert_array_equal(kernel, h.to_numpy(model.get_layer("dense").kernel))
-    np.testing.assert_array_equal(stats, h.to_numpy(model.get_layer("bn").moving_mean))
-    assert not np.array_equal(head, h.to_numpy(model.get_layer("head").kernel))
+    kernel = to_numpy(model.get_layer("dense").kernel)
+    stats = to_numpy(model.get_layer("bn").moving_mean)
+    head = to_numpy(model.get_layer("head").kernel)
+    h.fit_step(model, x, y)
+    np.testing.assert_array_equal(kernel, to_numpy(model.get_layer("dense").kernel))
+    np.testing.assert_array_equal(stats, to_numpy(model.get_layer("bn").moving_mean))
+    assert not np.array_equal(head, to_numpy(model.get_layer("head").kernel))

@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import bnfreeze
 from bnfreeze._compat import IS_TF_KERAS, keras
@@ -14,54 +13,21 @@ from bnfreeze._modes import MODES
 from tests import helpers as h
 
 
-def _fit_once(model: Any, x: Any, y: Any) -> float:
-    return float(model.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history["loss"][0])
-
-
-def _stats(model: Any) -> list[np.ndarray]:
-    return [h.to_numpy(bn.moving_mean).copy() for bn in h.bn_layers(model)]
-
-
-def _gammas(model: Any) -> list[np.ndarray]:
-    return [h.to_numpy(bn.gamma).copy() for bn in h.bn_layers(model)]
-
-
-def _check_mode(model: Any, mode: str, x: Any, y: Any) -> None:
-    stats, gammas = _stats(model), _gammas(model)
-    _fit_once(model, x, y)
-    spec = MODES[mode]
-    for before, after in zip(stats, _stats(model), strict=True):
-        assert (not np.array_equal(before, after)) == spec.batch_statistics
-    for before, after in zip(gammas, _gammas(model), strict=True):
-        assert (not np.array_equal(before, after)) == spec.trains_affine
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 def test_jit_compile(mode: str) -> None:
-    """Modes hold with jit_compile=True."""
+    """Modes hold with jit_compile=True: one fit step does what the mode's ModeSpec says."""
     model = h.conv()
     h.set_far_statistics(model)
     bnfreeze.freeze(model, bn_mode=mode)
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", jit_compile=True)
-    _check_mode(model, mode, h.data((8, 8, 3)), h.data((2,), seed=5))
-
-
-@pytest.fixture
-def mixed_precision() -> Any:
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    yield
-    keras.mixed_precision.set_global_policy("float32")
+    seen = h.observe_fit(model, h.data((8, 8, 3)), h.data((2,), seed=5))
+    h.assert_follows_mode(seen, MODES[mode])
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_mixed_float16(mode: str, mixed_precision: Any) -> None:
+def test_mixed_float16(mode: str, mixed_float16: None) -> None:
     """Modes hold under mixed_float16 (fixed loss scale so the first step applies)."""
-    inputs = keras.Input((8, 8, 3))
-    hidden = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
-    hidden = keras.layers.BatchNormalization(name="bn")(hidden)
-    hidden = keras.layers.GlobalAveragePooling2D()(hidden)
-    outputs = keras.layers.Dense(2, dtype="float32", name="head")(hidden)
-    model = keras.Model(inputs, outputs)
+    model = h.conv(head_dtype="float32")
     h.set_far_statistics(model)
     bnfreeze.freeze(model, ["conv", "bn"], bn_mode=mode)  # the head keeps trainable weights
     if IS_TF_KERAS:
@@ -71,14 +37,15 @@ def test_mixed_float16(mode: str, mixed_precision: Any) -> None:
         model.compile(optimizer=optimizer, loss="mse")
     else:
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", auto_scale_loss=False)
-    _check_mode(model, mode, h.data((8, 8, 3)), h.data((2,), seed=5))
+    seen = h.observe_fit(model, h.data((8, 8, 3)), h.data((2,), seed=5))
+    h.assert_follows_mode(seen, MODES[mode], rtol=1e-3)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["inference", "adapt"])
 def test_mirrored_strategy(mode: str) -> None:
     """Inside a MirroredStrategy scope with two replicas, modes hold on every replica."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = h.mirrored()
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
         model = h.conv()
@@ -86,11 +53,12 @@ def test_mirrored_strategy(mode: str) -> None:
         bnfreeze.freeze(model, bn_mode=mode)
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
     x, y = h.data((8, 8, 3)), h.data((2,), seed=5)
-    eval_loss = model.evaluate(x, y, batch_size=8, verbose=0)
+    eval_loss = h.evaluate_loss(model, x, y)
     bn = model.get_layer("bn")
-    replicas_before = [h.to_numpy(v).copy() for v in _replica_values(bn.moving_mean)]
-    fit_loss = _fit_once(model, x, y)
-    replicas_after = [h.to_numpy(v) for v in _replica_values(bn.moving_mean)]
+    replicas_before = h.replica_values(bn.moving_mean, strategy)
+    fit_loss = h.fit_step(model, x, y)
+    replicas_after = h.replica_values(bn.moving_mean, strategy)
+    assert len(replicas_before) == 2
     pairs = zip(replicas_before, replicas_after, strict=True)
     changed = [not np.array_equal(a, b) for a, b in pairs]
     if MODES[mode].batch_statistics:
@@ -98,14 +66,6 @@ def test_mirrored_strategy(mode: str) -> None:
     else:
         assert not any(changed)
         np.testing.assert_allclose(fit_loss, eval_loss, rtol=1e-5)
-
-
-def _replica_values(variable: Any) -> list[Any]:
-    values = getattr(variable, "values", None)
-    if values is None:
-        inner = getattr(variable, "value", None)
-        values = getattr(inner, "values", None)
-    return list(values) if values is not None else [variable]
 
 
 # --- keras.applications ------------------------------------------------------------------
@@ -148,9 +108,7 @@ def test_applications_single_image_fit_equals_evaluate(name: str) -> None:
     model.compile(optimizer="adam", loss="categorical_crossentropy")
     x, y = images[:1] * 0.5 + 60, np.eye(3, dtype="float32")[:1]
     before = h.snapshot(model)
-    eval_loss = model.evaluate(x, y, verbose=0)
-    fit_loss = _fit_once(model, x, y)
+    eval_loss = h.evaluate_loss(model, x, y)
+    fit_loss = h.fit_step(model, x, y)
     np.testing.assert_allclose(fit_loss, eval_loss, rtol=1e-4)
-    after = h.snapshot(model)
-    for key in before:
-        np.testing.assert_array_equal(before[key], after[key])
+    h.assert_same_values(before, h.snapshot(model))

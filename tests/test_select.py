@@ -117,16 +117,35 @@ def test_layer_object_selector() -> None:
     assert [n.path for n in select(nodes, model.get_layer("head"))] == ["head"]
 
 
-def test_up_to_ambiguous_name() -> None:
-    """up_to with a name used at two depths asks for the full path."""
-    i = keras.Input((3,))
-    inner = keras.Model(i, keras.layers.Dense(3, name="same")(i), name="inner")
-    o = keras.Input((3,))
-    model = keras.Model(o, keras.layers.Dense(3, name="x")(inner(o)), name="outer")
-    # two layers named "same" would need two models; rename to force ambiguity
-    model.get_layer("x").name
-    nodes = walk(model)
-    assert [n.path for n in select(nodes, bnfreeze.up_to("same"))] == ["inner/same"]
+def _two_bases() -> Any:
+    """Two nested bases side by side: two layers named 'bn' ('first/bn', 'second/bn')."""
+    first, second = h.base(name="first"), h.base(name="second")
+    inputs = keras.Input((6,))
+    return keras.Model(inputs, keras.layers.Add(name="add")([first(inputs), second(inputs)]))
+
+
+def test_up_to_a_name_several_layers_share_asks_for_the_path() -> None:
+    """up_to(name) with a name two layers share raises, listing both paths; nothing changes."""
+    selector = bnfreeze.up_to("bn")
+    assert h.refused(bnfreeze.SelectionError, bnfreeze.freeze, _two_bases(), selector) == (
+        "`layers` selector up_to('bn') is ambiguous: 2 layers are named 'bn' ('first/bn', "
+        "'second/bn'). Pass the full layer path instead."
+    )
+
+
+def test_up_to_a_full_path_where_the_name_is_shared() -> None:
+    """up_to(path) resolves a shared name by its path: everything up to that layer only."""
+    nodes = walk(_two_bases())
+    assert [n.path for n in select(nodes, bnfreeze.up_to("first/bn"))] == [
+        "first/dense",
+        "first/bn",
+    ]
+    assert [n.path for n in select(nodes, bnfreeze.up_to("second/bn"))] == [
+        "first/dense",
+        "first/bn",
+        "second/dense",
+        "second/bn",
+    ]
 
 
 def test_empty_list_selector() -> None:
@@ -183,7 +202,7 @@ def test_random_nested_models_round_trip(spec: Any, mode: str) -> None:
     assert {id(n.layer) for n in nodes} == {id(x) for x in everything}
     config = model.get_config()
     bnfreeze.freeze(model, bn_mode=mode)
-    frozen_paths = set(bnfreeze._freeze.frozen_modes(model))
+    frozen_paths = set(h.frozen_modes(model))
     assert {
         p for p in paths if p.rsplit("/", 1)[-1] in _names_of(model, "BatchNormalization")
     } <= frozen_paths
