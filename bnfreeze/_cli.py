@@ -5,7 +5,8 @@
 table (no colour, so NO_COLOR and non-TTY output need nothing special), ``--json`` prints
 one JSON document for machines, and errors are one line ``ErrorName: message`` on stderr.
 
-Exit status: 0 success; 1 the audit has findings; 2 bad usage or unreadable input.
+Exit status: 0 success; 1 the audit has findings of the ``--fail-on`` severity or worse
+(default ``error``); 2 bad usage or unreadable input.
 """
 
 from __future__ import annotations
@@ -77,11 +78,20 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Load a .keras or .h5 model (after importing bnfreeze, so frozen layers load) "
             "and print bnfreeze.audit's table and findings. Exit status 1 when there are "
-            "findings, 2 when the file cannot be read."
+            "findings of the --fail-on severity or worse, 2 when the file cannot be read."
         ),
     )
     audit.add_argument("path", metavar="PATH", help="a .keras or .h5 model file")
     audit.add_argument("--json", action="store_true", help="print report.to_dict() as JSON")
+    audit.add_argument(
+        "--all", action="store_true", help="one table row per layer (rows alike are grouped)"
+    )
+    audit.add_argument(
+        "--fail-on",
+        choices=("error", "warning", "info", "never"),
+        default="error",
+        help="exit with status 1 on findings of this severity or worse (default: error)",
+    )
     audit.add_argument(
         "--compile",
         action="store_true",
@@ -145,8 +155,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
-        print(report)
-    return EXIT_FINDINGS if report.findings else EXIT_OK
+        print(report.to_text(group=not args.all))
+    if args.fail_on != "never":
+        try:
+            report.raise_for_findings(args.fail_on)
+        except bnfreeze.FindingsError:
+            return EXIT_FINDINGS
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

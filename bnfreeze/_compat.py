@@ -495,14 +495,17 @@ def bn_branch_decided_upfront(layer: Any, cls: Any) -> bool:
     )
 
 
-def stateless_scope() -> Any:
+def stateless_scope(read: Any = ()) -> Any:
     """Keras 3: a ``keras.StatelessScope`` -- every ``variable.assign`` inside it (moving
-    statistics, seed generators, metrics) is recorded in the scope instead of applied.
-    tf-keras has none: ``None`` (the caller snapshots and restores instead).
+    statistics, seed generators, metrics) is recorded in the scope instead of applied, and
+    the losses layers add (activity regularizers) are collected as ``fit`` sees them.
+    Keras's weight regularizers read their variable from the scope, so the variables in
+    ``read`` are entered with their current values. tf-keras has none: ``None`` (the
+    caller snapshots and restores instead).
     """
     if IS_TF_KERAS:
         return None
-    return keras.StatelessScope()
+    return keras.StatelessScope(state_mapping=[(v, v) for v in read], collect_losses=True)
 
 
 def has_compiled_loss(model: Any) -> bool:

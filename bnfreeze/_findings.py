@@ -22,7 +22,13 @@ from bnfreeze._compat import (
     strategy_of,
     variable_path,
 )
-from bnfreeze._kinds import depends_on_phase, is_batch_norm, is_pinned, original_class
+from bnfreeze._kinds import (
+    depends_on_phase,
+    is_batch_norm,
+    is_kept_active,
+    is_pinned,
+    original_class,
+)
 from bnfreeze._report import Finding, LayerRecord, Severity
 from bnfreeze._trace import Observation, Seen, recorded_value
 from bnfreeze._walk import Node, fully_pinned
@@ -66,7 +72,8 @@ FINDING_CODES: dict[str, FindingCode] = {
     "active-in-frozen-part": FindingCode(
         "warning",
         "a Dropout, noise, augmentation or other phase-dependent layer inside a frozen "
-        "part still runs its training behaviour under `fit`",
+        "part still runs its training behaviour under `fit` (not reported for the layers "
+        "`freeze(..., keep_dropout=True)` keeps active on purpose)",
         "`bnfreeze.freeze` (or `keep_dropout=True` on purpose)",
     ),
     "trainable-changed-since-compile": FindingCode(
@@ -94,8 +101,8 @@ FINDING_CODES: dict[str, FindingCode] = {
         "error",
         "a graph node records the layer's own signature default as `training=` (keras "
         "3.15 writes them: Dropout `False`, RandomFlip `True`); an error where the "
-        "installed Keras honours it and it shows, a single warning listing the layers "
-        "where it does not yet",
+        "installed Keras honours it and it shows, otherwise a single `info` listing the "
+        "layers (keras 3.16+ would honour them in a file saved by keras 3.15)",
         "rebuild from code and load weights",
     ),
 }
@@ -361,7 +368,7 @@ def _active_in_frozen_part(ctx: Context) -> list[Finding]:
             "keep_dropout=True keeps it active on purpose.",
         )
         for record, part, where in _in_frozen_part(ctx, batch_norm=False)
-        if not _is_inert(record.layer)
+        if not _is_inert(record.layer) and not is_kept_active(record.layer)
     ]
 
 
@@ -534,16 +541,14 @@ def _pinned_signature_default(ctx: Context) -> list[Finding]:
                 "pinned-signature-default",
                 "",
                 f"the graph records each layer's signature default as training= for "
-                f"{len(latent)} layer(s): {shown}. {flavour_label()} ignores these, but "
-                "keras 3.16+ honours recorded values: loaded there from a saved file, a "
-                "Dropout-like layer recorded False never fires in fit and an augmentation "
-                "layer recorded True augments in evaluate and predict.",
-                "keras 3.15 writes these values whatever the model code says (an explicit "
-                "training=None is recorded too, and 3.16 honours None as 'no training'). To "
-                "train this model with keras 3.16+, rebuild it from code there and transfer "
-                "the weights (model.save_weights / model.load_weights) instead of loading the "
-                "saved model file; layers pinned by bnfreeze.freeze are not affected.",
-                "warning",
+                f"{len(latent)} layer(s): {shown}. They change nothing on {flavour_label()}; "
+                "keras 3.16+ honours them in a file saved here (a Dropout recorded False never "
+                "fires in fit, an augmentation layer recorded True augments in evaluate and "
+                "predict).",
+                "Nothing to do for this Keras. For keras 3.16+, rebuild the model from code "
+                "there and load the weights (model.load_weights) instead of the saved file; "
+                "layers pinned by bnfreeze.freeze are not affected.",
+                "info",
             )
         )
     return found

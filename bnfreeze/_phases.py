@@ -27,11 +27,11 @@ from bnfreeze._compat import (
     to_numpy,
     trainer_forward,
 )
-from bnfreeze._errors import ModelError
+from bnfreeze._errors import ArgumentError, ArgumentTypeError, DataError, ModelError
 from bnfreeze._kinds import depends_on_phase, original_class
 from bnfreeze._layers import intercepted
 from bnfreeze._report import Phase
-from bnfreeze._trace import phase_shown, received_training
+from bnfreeze._trace import losses_kept, model_input_spec, phase_shown, received_training
 from bnfreeze._walk import check_model, walk
 
 
@@ -128,8 +128,8 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
 
     Args:
         model: A built ``keras.Model``.
-        x: One batch of inputs (array, or list/dict of arrays).
-        y: Its targets; without them no loss is computed.
+        x: One batch of inputs (an array or tensor, or a list/tuple/dict of them).
+        y: Its targets, one per example; without them no loss is computed.
         loss: A loss (name or callable ``loss(y_true, y_pred)``) instead of the compiled
             one; its mean plus the model's own losses (regularizers) is reported.
 
@@ -140,6 +140,9 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
     Raises:
         BackendError: Keras does not run on TensorFlow.
         ModelError: Not a built Keras model, or ``y`` without a compiled loss or ``loss=``.
+        ArgumentTypeError: ``x``, ``y`` or ``loss`` of a type it cannot use.
+        ArgumentError: ``x`` and ``y`` disagree in length, or ``x`` with the model's inputs.
+        DataError: ``x`` is empty, or ``x``/``y`` holds NaN or infinite values.
 
     Example:
         >>> import keras, numpy as np, bnfreeze
@@ -153,19 +156,7 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
     """
     require_tensorflow_backend("compare_phases")
     check_model(model, function="compare_phases")
-    if y is not None and loss is None and not has_compiled_loss(model):
-        raise ModelError(
-            f"compare_phases received targets `y` but model {model.name!r} is not "
-            "compiled with a loss. Expected model.compile(loss=...) first, or pass "
-            "loss= (e.g. loss='mse')."
-        )
-    import tensorflow as tf
-
-    if isinstance(x, tuple):
-        x = list(x)
-    x = tf.nest.map_structure(tf.convert_to_tensor, x)
-    if y is not None:
-        y = tf.nest.map_structure(tf.convert_to_tensor, list(y) if isinstance(y, tuple) else y)
+    x, y, loss_fn = check_batch(model, x, y, loss)
     rows = [n for n in walk(model) if depends_on_phase(n.layer)]
     # Keras 3: each pass runs in a StatelessScope, so no assign reaches a variable. tf-keras
     # has no such scope: everything a forward pass or loss can write is snapshotted and
@@ -175,7 +166,8 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
     saved = [to_numpy(v).copy() for v in variables]
 
     def no_updates() -> Any:
-        return stateless_scope() or contextlib.nullcontext()
+        # Keras's weight regularizers read their variables from the scope.
+        return stateless_scope(model.trainable_weights) or contextlib.nullcontext()
 
     eval_seen: dict[int, tuple[Any, Phase]] = {}  # layer -> (training received, phase)
     fit_seen: dict[int, tuple[Phase, Any]] = {}  # layer -> (phase, divergence terms)
@@ -205,32 +197,37 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
         return out
 
     watched = [n.layer for n in rows]
-    try:
-        # evaluate first: it normally changes nothing, so fit then starts from the same
-        # state without a restore in between (only a layer in its training behaviour
-        # under evaluate, e.g. hard-coded training=True, can change state).
-        with no_updates(), intercepted(watched, record_eval):
-            eval_out = trainer_forward(model, x, training=False)
-            eval_loss = (
-                _loss_value(model, x, y, eval_out, loss, training=False) if y is not None else None
+    with losses_kept(model):  # a Keras 3 call clears the losses layers hold
+        try:
+            # evaluate first: it normally changes nothing, so fit then starts from the same
+            # state without a restore in between (only a layer in its training behaviour
+            # under evaluate, e.g. hard-coded training=True, can change state).
+            with no_updates(), intercepted(watched, record_eval):
+                eval_out = trainer_forward(model, x, training=False)
+                eval_loss = (
+                    _loss_value(model, x, y, eval_out, loss_fn, training=False)
+                    if y is not None
+                    else None
+                )
+            if variables and any(phase == "training" for _t, phase in eval_seen.values()):
+                _assign_all(variables, saved)
+            with no_updates(), fit_trainable_state(model), intercepted(watched, record_fit):
+                fit_out = trainer_forward(model, x, training=True)
+                fit_loss = (
+                    _loss_value(model, x, y, fit_out, loss_fn, training=True)
+                    if y is not None
+                    else None
+                )
+            pending = [
+                (node, *fit_seen[id(node.layer)], eval_seen[id(node.layer)][1])
+                for node in rows
+                if id(node.layer) in fit_seen
+            ]
+            values = _resolve(
+                [_divergence_terms(fit_out, eval_out, eval_out), *(p[2] for p in pending)]
             )
-        if variables and any(phase == "training" for _t, phase in eval_seen.values()):
+        finally:
             _assign_all(variables, saved)
-        with no_updates(), fit_trainable_state(model), intercepted(watched, record_fit):
-            fit_out = trainer_forward(model, x, training=True)
-            fit_loss = (
-                _loss_value(model, x, y, fit_out, loss, training=True) if y is not None else None
-            )
-        pending = [
-            (node, *fit_seen[id(node.layer)], eval_seen[id(node.layer)][1])
-            for node in rows
-            if id(node.layer) in fit_seen
-        ]
-        values = _resolve(
-            [_divergence_terms(fit_out, eval_out, eval_out), *(p[2] for p in pending)]
-        )
-    finally:
-        _assign_all(variables, saved)
     entries = [
         LayerDivergence(
             node.path, original_class(node.layer).__name__, value, fit_phase, eval_phase
@@ -313,10 +310,9 @@ def _loss_value(model: Any, x: Any, y: Any, y_pred: Any, loss: Any, *, training:
     if loss is None:
         value = compiled_loss_value(model, x, y, y_pred, training=training)
     else:
-        fn = keras.losses.get(loss) if isinstance(loss, str) else loss
         ys, preds = tf.nest.flatten(y), tf.nest.flatten(y_pred)
         terms = [
-            tf.reduce_mean(tf.cast(fn(t, p), "float32")) for t, p in zip(ys, preds, strict=False)
+            tf.reduce_mean(tf.cast(loss(t, p), "float32")) for t, p in zip(ys, preds, strict=False)
         ]
         terms += [tf.reduce_sum(tf.cast(v, "float32")) for v in model.losses]
         value = tf.add_n(terms)
@@ -326,3 +322,192 @@ def _loss_value(model: Any, x: Any, y: Any, y_pred: Any, loss: Any, *, training:
 def _assign_all(variables: list[Any], values: list[np.ndarray]) -> None:
     for v, value in zip(variables, values, strict=False):
         v.assign(value)
+
+
+# --- the batch, checked before anything runs ----------------------------------------------
+
+_X_EXPECTED = (
+    "Expected `x` to be one batch of inputs: a numpy array or tensor, or a list, tuple or "
+    "dict of them."
+)
+_Y_EXPECTED = (
+    "Expected `y` to be the targets of the batch: a numpy array or tensor, or a list, "
+    "tuple or dict of them."
+)
+
+
+def check_batch(model: Any, x: Any, y: Any, loss: Any) -> tuple[Any, Any, Any]:
+    """Check ``x``, ``y`` and ``loss`` for `compare_phases` before anything runs.
+
+    Returns ``x`` and ``y`` as (structures of) tensors, and the loss function (``None``:
+    the compiled loss). Raises an `ArgumentError`, `ArgumentTypeError`, `DataError` or
+    `ModelError` naming the argument, what it received and what was expected.
+    """
+    loss_fn = _loss_function(loss, y)
+    if y is not None and loss is None and not has_compiled_loss(model):
+        raise ModelError(
+            f"compare_phases received targets `y` but model {model.name!r} is not "
+            "compiled with a loss. Expected model.compile(loss=...) first, or pass "
+            "loss= (e.g. loss='mse')."
+        )
+    xs = _arrays("x", x, _X_EXPECTED)
+    _check_against_inputs(model, x, xs)
+    rows = _rows("x", xs)
+    if rows == 0:
+        raise DataError(
+            f"Expected `x` to hold at least one example. Received: {xs[0][0]} with 0 rows."
+        )
+    ys = _arrays("y", y, _Y_EXPECTED) if y is not None else []
+    for path, tensor in ys:
+        if tensor.shape[0] != rows:
+            raise ArgumentError(
+                f"Expected `y` to hold one target per example of `x` ({rows} rows). "
+                f"Received: {path} with {_count(tensor.shape[0], 'row')}."
+            )
+    for path, tensor in [*xs, *ys]:
+        _check_finite(path, tensor)
+    return _structure(x, xs), (_structure(y, ys) if y is not None else None), loss_fn
+
+
+def _loss_function(loss: Any, y: Any) -> Any:
+    if loss is None:
+        return None
+    if y is None:
+        raise ArgumentError(
+            f"compare_phases received `loss` but no targets `y`. Received: loss={loss!r:.60}, "
+            "y=None. Expected targets to compute the loss on, or no loss= to compare the "
+            "outputs only."
+        )
+    if isinstance(loss, str):
+        try:
+            return keras.losses.get(loss)
+        except ValueError:
+            raise ArgumentError(
+                f"Expected `loss` to be the name of a Keras loss (e.g. 'mse'). "
+                f"Received: loss={loss!r}."
+            ) from None
+    if callable(loss):
+        return loss
+    raise ArgumentTypeError(
+        "Expected `loss` to be a loss name (e.g. 'mse') or a callable loss(y_true, y_pred). "
+        f"Received: loss={loss!r:.60} ({type(loss).__name__})."
+    )
+
+
+def _leaves(value: Any, path: str) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` in ``tf.nest`` order (dict keys sorted), paths like ``x[0]['a']``."""
+    if isinstance(value, (list, tuple)):
+        return [leaf for i, v in enumerate(value) for leaf in _leaves(v, f"{path}[{i}]")]
+    if isinstance(value, dict):
+        return [leaf for k in sorted(value) for leaf in _leaves(value[k], f"{path}[{k!r}]")]
+    return [(path, value)]
+
+
+def _arrays(name: str, value: Any, expected: str) -> list[tuple[str, Any]]:
+    """Every leaf of ``value`` as ``(path, tensor)``: dense, numeric or string, batched."""
+    import tensorflow as tf
+
+    found = []
+    for path, leaf in _leaves(value, name) or [(name, value)]:
+        if isinstance(leaf, tf.data.Dataset):
+            raise ArgumentTypeError(
+                f"{expected} Received: {path} is a tf.data.Dataset. Take one batch from "
+                f"it first: `x, y = next(iter(dataset))`."
+            )
+        if isinstance(leaf, (tf.SparseTensor, tf.RaggedTensor)):
+            kind = type(leaf).__name__
+            sparse = kind == "SparseTensor"
+            dense = f"tf.sparse.to_dense({path})" if sparse else f"{path}.to_tensor()"
+            raise ArgumentTypeError(
+                f"{expected} Received: {path} is a tf.{kind} of shape "
+                f"{_shape(leaf.shape)}. Pass it as a dense tensor: `{dense}`."
+            )
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            kind = "" if leaf is None else f" ({type(leaf).__name__})"
+            raise ArgumentTypeError(f"{expected} Received: {path}={leaf!r:.60}{kind}.")
+        try:
+            tensor = tf.convert_to_tensor(leaf)
+        except (TypeError, ValueError):
+            tensor = None
+        if tensor is None or not (
+            tensor.dtype.is_floating
+            or tensor.dtype.is_integer
+            or tensor.dtype.is_bool
+            or tensor.dtype == tf.string
+        ):
+            raise ArgumentTypeError(
+                f"Expected `{name}` to hold numbers (or strings, for a model that reads "
+                f"them). Received: {path} of dtype {getattr(leaf.dtype, 'name', leaf.dtype)}."
+            )
+        if tensor.shape.rank == 0:
+            raise ArgumentError(
+                f"Expected `{name}` to have a batch dimension (one row per example). "
+                f"Received: {path} of shape ()."
+            )
+        found.append((path, tensor))
+    return found
+
+
+def _check_against_inputs(model: Any, x: Any, xs: list[tuple[str, Any]]) -> None:
+    """The number of arrays and their shapes against the model's inputs, when it knows them."""
+    import tensorflow as tf
+
+    spec = model_input_spec(model)
+    if spec is None or isinstance(x, dict) or isinstance(spec, dict):
+        return  # unknown, or matched by input name
+    specs = tf.nest.flatten(spec)
+    if len(specs) != len(xs):
+        raise ArgumentError(
+            f"Expected `x` to hold {_count(len(specs), 'array')}, one per input of model "
+            f"{model.name!r}. Received: {_count(len(xs), 'array')}."
+        )
+    for (path, tensor), expected in zip(xs, specs, strict=True):
+        if not expected.shape.is_compatible_with(tensor.shape):
+            raise ArgumentError(
+                f"Expected `{path}` to match the input shape of model {model.name!r}, "
+                f"{_shape(expected.shape)}. Received: {path} of shape {_shape(tensor.shape)}."
+            )
+
+
+def _rows(name: str, arrays: list[tuple[str, Any]]) -> int:
+    """The batch size all ``arrays`` share."""
+    (first, tensor), *rest = arrays
+    for path, other in rest:
+        if other.shape[0] != tensor.shape[0]:
+            raise ArgumentError(
+                f"Expected every array in `{name}` to hold the same number of examples. "
+                f"Received: {first} with {_count(tensor.shape[0], 'row')} and {path} with "
+                f"{_count(other.shape[0], 'row')}."
+            )
+    return int(tensor.shape[0])
+
+
+def _check_finite(path: str, tensor: Any) -> None:
+    import tensorflow as tf
+
+    if not tensor.dtype.is_floating or bool(tf.reduce_all(tf.math.is_finite(tensor))):
+        return
+    bad = np.argwhere(~np.isfinite(to_numpy(tensor)))
+    raise DataError(
+        f"Expected finite values in `{path.split('[')[0]}`. Received: {path} holds "
+        f"{_count(len(bad), 'NaN or infinite value')}, the first at index "
+        f"{tuple(int(i) for i in bad[0])}. Replace or drop them: compare_phases would report "
+        "NaN losses."
+    )
+
+
+def _structure(original: Any, arrays: list[tuple[str, Any]]) -> Any:
+    """The checked tensors in the structure of ``original`` (a tuple becomes a list)."""
+    import tensorflow as tf
+
+    if isinstance(original, tuple):
+        original = list(original)
+    return tf.nest.pack_sequence_as(original, [tensor for _path, tensor in arrays])
+
+
+def _shape(shape: Any) -> str:
+    return str(tuple(shape.as_list() if hasattr(shape, "as_list") else shape))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -9,16 +9,42 @@ renders itself as text (``print(report)``), as HTML (notebooks) and as plain dat
 from __future__ import annotations
 
 import html
+import shutil
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from bnfreeze._errors import ArgumentError, FindingsError, SelectionError
 
 Phase = Literal["training", "inference"]
-Severity = Literal["error", "warning"]
+Severity = Literal["error", "warning", "info"]
 
-#: Every severity, mildest first; ``raise_for_findings(severity=s)`` fails on ``s`` or worse.
-SEVERITIES: tuple[Severity, ...] = ("warning", "error")
+#: Every severity, worst first; ``raise_for_findings(severity=s)`` fails on ``s`` or worse.
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
+#: Rows in one part of the model that behave alike are shown as one line from this many on.
+GROUP_FROM = 3
+TIMES = "\u00d7"  # the multiplication sign of "53 \u00d7 resnet50/*"
+
+
+def at_least(severity: Severity, floor: Severity) -> bool:
+    """True when ``severity`` is ``floor`` or worse."""
+    return SEVERITIES.index(severity) <= SEVERITIES.index(floor)
+
+
+def terminal_width() -> int:
+    """The width text is wrapped to: the terminal's, or 100 columns when not a terminal."""
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def _wrap(text: str, width: int, first: str = "", rest: str = "  ") -> str:
+    return textwrap.fill(
+        text,
+        width,
+        initial_indent=first,
+        subsequent_indent=rest,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -117,8 +143,8 @@ class Finding:
     Attributes:
         code: A stable identifier; [Reading an audit](audit.md#findings) lists them all.
         severity: ``"error"`` (the model behaves differently now from what its code
-            says) or ``"warning"`` (a hazard: another setting, version or file load
-            changes it).
+            says), ``"warning"`` (a hazard in this model on this Keras) or ``"info"``
+            (worth knowing; nothing goes wrong here and now).
         path: The layer or part concerned (``""`` for the whole model).
         message: What was observed.
         fix: A concrete way to fix it.
@@ -139,8 +165,13 @@ class Finding:
     fix: str
 
     def __str__(self) -> str:
+        return self._text(terminal_width())
+
+    def _text(self, width: int) -> str:
+        """The finding and its fix, wrapped to ``width`` columns."""
         where = f" at {self.path!r}" if self.path else ""
-        return f"[{self.severity}] {self.code}{where}: {self.message}\n  fix: {self.fix}"
+        head = _wrap(f"[{self.severity}] {self.code}{where}: {self.message}", width)
+        return head + "\n" + _wrap(f"fix: {self.fix}", width, "  ", "    ")
 
     def to_dict(self) -> dict[str, str]:
         """The fields as a JSON-serialisable dict."""
@@ -179,19 +210,29 @@ class AuditReport:
         self.findings = findings
 
     def _counts(self) -> str:
-        rows, found = len(self.rows), len(self.findings)
-        return (
-            f"{rows} phase-dependent layer{'' if rows == 1 else 's'}, "
-            f"{found} finding{'' if found == 1 else 's'}"
-        )
+        rows = len(self.rows)
+        counts = [
+            _count(sum(f.severity == severity for f in self.findings), severity)
+            for severity in SEVERITIES
+        ]
+        found = ", ".join(c for c in counts if not c.startswith("0 ")) or "no findings"
+        return f"{_count(rows, 'phase-dependent layer')}, {found}"
 
     def __repr__(self) -> str:
         return f"<AuditReport model={self.model_name!r} ({self.flavour}): {self._counts()}>"
 
     @property
     def ok(self) -> bool:
-        """True when there are no findings."""
-        return not self.findings
+        """True when no finding is an error or a warning (``info`` findings do not count).
+
+        Example:
+            >>> import keras, bnfreeze
+            >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+            ...                           keras.layers.BatchNormalization()])
+            >>> bnfreeze.audit(model, batch_size=1).ok, bnfreeze.audit(model).ok
+            (False, True)
+        """
+        return not any(at_least(f.severity, "warning") for f in self.findings)
 
     def row(self, path: str) -> LayerRecord:
         """The record of the layer at ``path``, or of the one layer with that name.
@@ -231,12 +272,15 @@ class AuditReport:
     def raise_for_findings(self, severity: Severity = "warning") -> None:
         """Raise `FindingsError` when there are findings of ``severity`` or worse.
 
+        ``bnfreeze audit --fail-on SEVERITY`` exits with status 1 exactly when this raises.
+
         Args:
-            severity: ``"warning"`` fails on any finding, ``"error"`` on errors only.
+            severity: ``"error"``, ``"warning"`` (the default: what `ok` checks) or
+                ``"info"`` (any finding).
 
         Raises:
             FindingsError: There are such findings; the message lists them.
-            ArgumentError: ``severity`` is not one of ``"warning"``, ``"error"``.
+            ArgumentError: ``severity`` is not one of ``"error"``, ``"warning"``, ``"info"``.
 
         Example:
             >>> import keras, bnfreeze
@@ -248,8 +292,7 @@ class AuditReport:
             raise ArgumentError(
                 f"Expected `severity` to be one of {SEVERITIES}. Received: severity={severity!r}."
             )
-        floor = SEVERITIES.index(severity)
-        found = [f for f in self.findings if SEVERITIES.index(f.severity) >= floor]
+        found = [f for f in self.findings if at_least(f.severity, severity)]
         if found:
             lines = "\n".join(str(f) for f in found)
             raise FindingsError(
@@ -277,51 +320,76 @@ class AuditReport:
             "findings": [f.to_dict() for f in self.findings],
         }
 
-    def _table(self) -> list[list[str]]:
-        header = ["path", "class", "trainable", "bn_mode", "fit", "evaluate", "predict"]
-        body = [
-            [
-                r.path,
-                r.class_name,
-                "yes" if r.trainable else "no",
-                r.bn_mode or "-",
-                str(r.fit),
-                str(r.evaluate),
-                str(r.predict),
-            ]
-            for r in self.rows
-        ]
-        return [header, *body]
+    def to_text(self, *, group: bool = True, width: int | None = None) -> str:
+        """The report as plain text: the table of rows, then the findings.
 
-    def __str__(self) -> str:
+        Args:
+            group: Show rows of one part of the model that behave alike as one line
+                (a count and their common path, ``resnet50/*``); ``False`` shows every row.
+                ``str(report)`` groups.
+            width: Wrap findings to this many columns (default: the terminal's, or 100).
+
+        Returns:
+            The text, without a final newline.
+
+        Example:
+            >>> import keras, bnfreeze
+            >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+            ...                           keras.layers.BatchNormalization()], name="m")
+            >>> print(bnfreeze.audit(model).to_text(group=False).splitlines()[0])
+            audit of model 'm' (keras 3.15.1): 1 phase-dependent layer, no findings
+        """
+        width = width or terminal_width()
         lines = [f"audit of model {self.model_name!r} ({self.flavour}): {self._counts()}"]
         if self.rows:
-            table = self._table()
-            widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+            entries = _entries(self.rows, group)
+            table = [_HEADER, *(_cells(label, members[0]) for label, members in entries)]
+            widths = [max(len(row[i]) for row in table) for i in range(len(_HEADER))]
             lines.append("")
             for row in table:
                 lines.append(
-                    "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+                    "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                 )
-            lines.append(
-                "(training/inference: which behaviour the layer shows; +stats: moving "
-                "statistics updated; +weights: weights trained)"
-            )
+            lines.append(_wrap(_LEGEND, width, rest=" "))
+            grouped = [(label, members) for label, members in entries if len(members) > 1]
+            if grouped:
+                label, members = grouped[0]
+                where = f"under {_prefix(members)}" if _prefix(members) else "in the model"
+                note = (
+                    f"({label}: {len(members)} {members[0].class_name} layers {where} that "
+                    "behave alike; report.to_text(group=False) or `bnfreeze audit --all` "
+                    "shows every row)"
+                )
+                lines.append(_wrap(note, width, rest=" "))
         lines.append("")
         if self.findings:
             lines.append("findings:")
-            lines.extend(str(f) for f in self.findings)
+            lines.extend(f._text(width) for f in self.findings)
         else:
             lines.append("no findings")
         return "\n".join(lines)
 
-    def _repr_html_(self) -> str:
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_html(self, *, group: bool = True) -> str:
+        """The report as an HTML fragment (what a notebook shows); ``group`` as in `to_text`.
+
+        Example:
+            >>> import keras, bnfreeze
+            >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5)])
+            >>> bnfreeze.audit(model).to_html().startswith("<div><p>audit of model")
+            True
+        """
         esc = html.escape
-        table = self._table()
-        head = "".join(f"<th>{esc(c)}</th>" for c in table[0])
-        body = "".join(
-            "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in table[1:]
-        )
+        head = "".join(f"<th>{esc(c)}</th>" for c in _HEADER)
+        body = ""
+        for label, members in _entries(self.rows, group):
+            cells = [esc(c) for c in _cells(label, members[0])]
+            if len(members) > 1:
+                paths = "<br>".join(f"<code>{esc(r.path)}</code>" for r in members)
+                cells[0] = f"<details><summary>{cells[0]}</summary>{paths}</details>"
+            body += "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
         findings = "".join(
             f"<li><b>{esc(f.severity)}</b> <code>{esc(f.code)}</code>"
             f"{' at <code>' + esc(f.path) + '</code>' if f.path else ''}: {esc(f.message)}"
@@ -335,3 +403,64 @@ class AuditReport:
             + (f"<ul>{findings}</ul>" if findings else "<p>no findings</p>")
             + "</div>"
         )
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+
+_HEADER = ["path", "class", "trainable", "bn_mode", "fit", "evaluate", "predict"]
+_LEGEND = (
+    "(training/inference: behaviour shown; +stats: moving statistics updated; +weights: "
+    "weights trained)"
+)
+
+
+def _cells(label: str, record: LayerRecord) -> list[str]:
+    return [
+        label,
+        record.class_name,
+        "yes" if record.trainable else "no",
+        record.bn_mode or "-",
+        str(record.fit),
+        str(record.evaluate),
+        str(record.predict),
+    ]
+
+
+def _entries(rows: list[LayerRecord], group: bool) -> list[tuple[str, list[LayerRecord]]]:
+    """Table lines as ``(path cell, records)``, in walk order of their first record.
+
+    Grouping puts together the rows of one top-level part of the model (or of the model
+    itself) whose cells other than the path are the same; a group of at least
+    `GROUP_FROM` rows is one line (its count, the multiplication sign and ``prefix/*``), the
+    others stay rows of their own.
+    """
+    if not group:
+        return [(r.path, [r]) for r in rows]
+    alike: dict[tuple[str, ...], list[LayerRecord]] = {}
+    for r in rows:
+        part = r.path.split("/", 1)[0] if "/" in r.path else ""
+        alike.setdefault((part, *_cells("", r)), []).append(r)
+    order = {id(r): i for i, r in enumerate(rows)}
+    entries: list[tuple[str, list[LayerRecord]]] = []
+    for members in alike.values():
+        if len(members) < GROUP_FROM:
+            entries.extend((r.path, [r]) for r in members)
+        else:
+            entries.append((f"{len(members)} {TIMES} {_prefix(members)}*", members))
+    return sorted(entries, key=lambda e: order[id(e[1][0])])
+
+
+def _prefix(records: list[LayerRecord]) -> str:
+    """The longest common parent path of ``records`` (``"base/"``; ``""``: the model)."""
+    parents = [r.path.split("/")[:-1] for r in records]
+    common: list[str] = []
+    for names in zip(*parents, strict=False):
+        if len(set(names)) != 1:
+            break
+        common.append(names[0])
+    return "".join(f"{name}/" for name in common)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 or noun == 'info' else 's'}"

@@ -394,7 +394,7 @@ def test_bn_fed_batches_of_one(kind: str, severity: str) -> None:
 
 @pytest.mark.skipif(IS_TF_KERAS, reason="tf-keras records only what the user passes")
 def test_recorded_signature_default_is_the_cross_version_hazard() -> None:
-    """A node recording Dropout's default training=False: warned on 3.15, observed on 3.16."""
+    """A node recording Dropout's default training=False: an info on 3.15, observed on 3.16."""
     from bnfreeze._compat import recorded_training, set_recorded_training
 
     inputs = keras.Input((6,))
@@ -405,9 +405,7 @@ def test_recorded_signature_default_is_the_cross_version_hazard() -> None:
     assert [v for _n, v in recorded_training(drop)] == [False]
     report = bnfreeze.audit(model)
     finding = [f for f in report.findings if f.code == "pinned-signature-default"]
-    assert [(f.path, f.severity) for f in finding] == [
-        ("drop", "error") if K316 else ("", "warning")
-    ]
+    assert [(f.path, f.severity) for f in finding] == [("drop", "error") if K316 else ("", "info")]
     fires = report.row("drop").fit.phase == "training"
     assert fires is K315
     # A real fit step agrees: with lr=0 the loss equals the no-dropout loss iff it did not fire.
@@ -625,7 +623,7 @@ def test_raise_for_findings() -> None:
     with pytest.raises(bnfreeze.ArgumentError) as bad:
         report.raise_for_findings("fatal")  # type: ignore[arg-type]
     assert str(bad.value) == (
-        "Expected `severity` to be one of ('warning', 'error'). Received: severity='fatal'."
+        "Expected `severity` to be one of ('error', 'warning', 'info'). Received: severity='fatal'."
     )
 
 
