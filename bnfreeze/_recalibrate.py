@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnfreeze._compat import keras, require_tensorflow_backend, strategy_of, to_numpy
-from bnfreeze._data import Source, batch_spec, check_batch, open_source
+from bnfreeze._data import Source, batch_spec, open_source
 from bnfreeze._errors import ArgumentError, DataError, SelectionError
 from bnfreeze._kinds import (
     check_supported_batch_norm,
@@ -77,7 +77,7 @@ def recalibrate(
         ModelError: ``model`` is not a built Keras model of the installed flavour.
         SelectionError: ``layers`` selects no BatchNormalization layer.
         UnsupportedLayerError: a selected BN variant overrides its own ``call``.
-        DataError: ``data`` is empty, malformed or cannot be read as needed.
+        DataError: ``data`` is empty, malformed, non-finite or unreadable as needed.
         ArgumentError: a bad ``batch_size``, ``steps``, ``upstream`` or ``verbose``.
 
     Example:
@@ -107,7 +107,6 @@ def recalibrate(
             "tf.data.Dataset or a keras.utils.PyDataset; or use upstream='batch' (one pass)."
         )
     first = source.peek()
-    check_batch(model, first)
     strategy = strategy_of(model)
     runner = _Runner(model, nodes, targets, strategy, upstream)
     with runner.intercepting():
@@ -187,8 +186,12 @@ def _finalise(
 
 
 def _assign(variable: Any, value: np.ndarray) -> None:
-    dtype = tf.as_dtype(variable.dtype).as_numpy_dtype
-    variable.assign(np.asarray(value, dtype=dtype).reshape(tuple(variable.shape)))
+    variable.assign(np.asarray(value, _numpy_dtype(variable)).reshape(tuple(variable.shape)))
+
+
+def _numpy_dtype(variable: Any) -> np.dtype[Any]:
+    dtype: np.dtype[Any] = np.dtype(tf.as_dtype(variable.dtype).as_numpy_dtype)
+    return dtype
 
 
 # --- the pass ------------------------------------------------------------------------------
@@ -219,6 +222,7 @@ class _Runner:
             for v in (layer.moving_mean, layer.moving_variance)
         }
         self.guarded = [v for v in _variables_a_pass_may_write(nodes) if id(v) not in tracked]
+        self.dtypes = [_numpy_dtype(n.layer.moving_variance) for n in targets]
 
     # -- set-up and restoration
 
@@ -327,7 +331,7 @@ class _Runner:
             print(title, file=sys.stdout)
         bar = keras.utils.Progbar(source.target(), verbose=verbose) if verbose else None
         seen = 0
-        for x in source.batches():
+        for batch, x in source.batches():
             out = self._local(function(self._distribute(x)))
             for key, calls in out.items():
                 index = int(key)
@@ -337,12 +341,28 @@ class _Runner:
                     if moments is None:
                         moments = found[index] = Moments.empty(count_np.shape)
                     moments.add(count_np, np.asarray(mean), np.asarray(m2))
-            seen += 1
+            self._check_finite(found, [int(key) for key in out], batch)
+            seen = batch + 1
             if bar is not None:
                 bar.update(seen)
-        if bar is not None and source.target() is None:
-            bar.update(seen, finalize=True)
+        if bar is not None and (source.read != seen or source.target() is None):
+            bar.update(source.read, finalize=source.target() is None)
         return found
+
+    def _check_finite(self, found: dict[int, Moments], updated: list[int], batch: int) -> None:
+        """Refuse statistics that are not finite in the variables' dtype, naming the first
+        selected layer (in model order) they belong to and the batch that made them so."""
+        for index in sorted(updated):
+            node, dtype = self.targets[index], self.dtypes[index]
+            which = found[index].non_finite(dtype)
+            if which is not None:
+                raise DataError(
+                    f"Layer {node.path!r} would get a non-finite moving_{which}: it became "
+                    f"non-finite at batch {batch} of `data` (counting from 0), where the "
+                    f"layer's inputs hold NaN or infinity, or values whose {which} overflows "
+                    f"{dtype.name}. Nothing was changed. Expected finite inputs of "
+                    "moderate size: check `data` for NaN and infinite values, and its scale."
+                )
 
     def levels(self, first: Any) -> list[int]:
         """Level of BN dependency of each target: 0 if no selected BN feeds it, else 1 + max."""
@@ -360,9 +380,8 @@ class _Runner:
             result["order"] = [i for i, _, _ in self.plan.local.probes]
             return tf.constant(0)
 
-        x = tf.nest.map_structure(tf.convert_to_tensor, first)
         with self.strategy.scope() if self.distributed else contextlib.nullcontext():
-            tf.function(probe).get_concrete_function(x)
+            tf.function(probe).get_concrete_function(batch_spec(first))
         masks: list[int] = result["masks"]
         levels = [0] * len(self.targets)
         order = _first_call_order(result["order"], len(self.targets))
