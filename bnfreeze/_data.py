@@ -149,11 +149,27 @@ class Source:
         if used == 0:
             raise _no_batch(self.kind, empty=self.read)
 
+    def replay(self) -> Source:
+        """A source of the first batch only, kept in memory: read as often as needed."""
+        return _Replay(self.peek(), self)
+
     def target(self) -> int | None:
         """The number of batches of a pass, or ``None`` when unknown."""
         if self.total is None:
             return self.steps
         return min(self.total, self.steps) if self.steps is not None else self.total
+
+
+class _Replay(Source):
+    total = 1
+
+    def __init__(self, first: Any, source: Source) -> None:
+        super().__init__(1)
+        self.kind, self.inputs = source.kind, source.inputs
+        self._first, self._peeked = first, True
+
+    def _raw(self) -> Iterator[Any]:
+        yield self._first
 
 
 class _ArraySource(Source):

@@ -119,16 +119,15 @@ class Role:
 
     kind: Literal["moving", "collect", "fixed", "probe"]
     index: int = -1
-    mean: Any = None
-    variance: Any = None
 
 
 @dataclass
 class Plan:
     """What each BN layer does in the current pass, by ``id(layer)``; read at trace time.
 
-    ``local`` holds what a trace collects: ``collected`` (target index -> one
-    ``(count, mean, M2)`` per call) and ``probes``.
+    ``local`` holds, while tracing, the given statistics of ``fixed`` layers (``fixed``:
+    target index -> ``(mean, variance)`` tensors) and what the trace collects:
+    ``collected`` (target index -> one ``(count, mean, M2)`` per call) and ``probes``.
     """
 
     upstream: str
@@ -178,8 +177,9 @@ def bn_call(plan: Plan, layer: Any, inputs: Any, mask: Any) -> Any:
             mean = tf.cast(_read(layer.moving_mean), compute_dtype)
             variance = tf.cast(_read(layer.moving_variance), compute_dtype)
     elif role.kind == "fixed":
-        mean = tf.constant(role.mean, dtype=compute_dtype)
-        variance = tf.constant(role.variance, dtype=compute_dtype)
+        given_mean, given_variance = plan.local.fixed[role.index]
+        mean = tf.cast(given_mean, compute_dtype)
+        variance = tf.cast(given_variance, compute_dtype)
     else:
         mean = tf.cast(_read(layer.moving_mean), compute_dtype)
         variance = tf.cast(_read(layer.moving_variance), compute_dtype)
