@@ -475,7 +475,7 @@ class _Runner:
             return tf.constant(0)
 
         with self.strategy.scope() if self.distributed else contextlib.nullcontext():
-            tf.function(probe).get_concrete_function(batch_spec(first))
+            tf.function(_Step(probe)).get_concrete_function(batch_spec(first))
         masks: list[int] = result["masks"]
         levels = [0] * len(self.targets)
         order = _first_call_order(result["order"], len(self.targets))
