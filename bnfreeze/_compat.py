@@ -44,6 +44,7 @@ __all__ = [
     "Model",
     "backend_name",
     "bn_branch_decided_upfront",
+    "bn_cast_dtype",
     "bn_uses_batch_statistics",
     "compiled_loss_value",
     "direct_sublayers",
@@ -513,3 +514,12 @@ def has_compiled_loss(model: Any) -> bool:
     if IS_TF_KERAS:
         return getattr(model, "compiled_loss", None) is not None
     return getattr(model, "_compile_loss", None) is not None
+
+
+def bn_cast_dtype(layer: Any) -> str:
+    """The dtype a BatchNormalization's ``call`` casts integer or boolean inputs to.
+
+    Keras 3 casts to ``result_type(inputs.dtype, "float32")``, float32 for every integer
+    type; tf-keras to the layer's compute dtype (float16 under a mixed-precision policy).
+    """
+    return str(layer.compute_dtype) if IS_TF_KERAS else "float32"

@@ -2,9 +2,10 @@
 
 :func:`open_source` turns anything ``model.predict`` accepts (arrays, a batched
 ``tf.data.Dataset``, a ``keras.utils.PyDataset`` -- ``Sequence`` in tf-keras -- or a
-Python generator) into a :class:`Source` of batches of ``x``; :func:`check_batch`
-compares a batch with the model's declared inputs; :func:`batch_spec` gives the
-``tf.TensorSpec`` of a batch (recalibrate's traced step and the audit use it).
+Python generator) into a :class:`Source` of checked batches of ``x``: every batch is
+compared with the model's declared inputs and with the first batch (structure, kinds of
+values, shapes) before it is used, and empty batches are skipped. :func:`batch_spec`
+gives the ``tf.TensorSpec`` of a batch (recalibrate's traced step and the audit use it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from bnfreeze._errors import ArgumentError, DataError
 
 DEFAULT_BATCH_SIZE = 32
 
-__all__ = ["DEFAULT_BATCH_SIZE", "Source", "batch_spec", "check_batch", "open_source"]
+__all__ = ["DEFAULT_BATCH_SIZE", "Source", "batch_spec", "open_source"]
 
 
 def batch_spec(structure: Any, batch_size: int | Literal["keep"] | None = None) -> Any:
@@ -37,7 +38,8 @@ def batch_spec(structure: Any, batch_size: int | Literal["keep"] | None = None) 
         if not (hasattr(value, "shape") and hasattr(value, "dtype")):
             value = np.asarray(value)
         shape = tuple(value.shape)
-        dtype = tf.as_dtype(getattr(value.dtype, "name", value.dtype))
+        dtype = value.dtype  # numpy dtypes (strings too) as they are; others by name
+        dtype = tf.as_dtype(dtype if isinstance(dtype, np.dtype) else getattr(dtype, "name", dtype))
         batch = shape[0] if batch_size == "keep" and shape else batch_size
         return tf.TensorSpec((batch, *shape[1:]), dtype)
 
@@ -53,9 +55,10 @@ def is_array(value: Any) -> bool:
     )
 
 
-def _no_batch(kind: str) -> DataError:
+def _no_batch(kind: str, empty: int = 0) -> DataError:
+    got = f"only empty batches ({empty})" if empty else "no batch"
     return DataError(
-        f"`data` ({kind}) yielded no batch. Expected at least one batch of inputs to compute "
+        f"`data` ({kind}) yielded {got}. Expected at least one batch of inputs to compute "
         "statistics from."
     )
 
@@ -93,7 +96,8 @@ def _in_memory_x(data: Any, model: Any) -> Any:
 
 
 class Source:
-    """Batches of ``x`` from any of the kinds ``predict`` accepts, bounded by ``steps``."""
+    """Checked batches of ``x`` from any of the kinds ``predict`` accepts, bounded by
+    ``steps``."""
 
     kind: str = "source"
     #: Whether :meth:`batches` can be read more than once (the same batches each time).
@@ -102,6 +106,8 @@ class Source:
 
     def __init__(self, steps: int | None) -> None:
         self.steps = steps
+        self.inputs: list[Any] = []  # the model's declared inputs (set by open_source)
+        self.read = 0  # batches read by the last pass, empty ones included
         self._first: Any = None
         self._peeked = False
 
@@ -112,32 +118,58 @@ class Source:
         return next(iter(self._raw()))
 
     def peek(self) -> Any:
-        """The first batch (read once and kept)."""
+        """The first batch (read once, checked and kept); it may be empty."""
         if not self._peeked:
             try:
-                self._first = _as_batch(self._read_first())
+                first = _as_batch(self._read_first())
             except StopIteration:
                 raise _no_batch(self.kind) from None
+            _check_against_model(self.inputs, first, 0)
+            _rows(first, 0)
+            self._first = first
             self._peeked = True
         return self._first
 
-    def batches(self) -> Iterator[Any]:
-        """One pass over the data: at most ``steps`` batches, at least one."""
+    def batches(self) -> Iterator[tuple[int, Any]]:
+        """One pass over the data: ``(index, x)`` for at most ``steps`` batches, each one
+        checked before it is yielded; empty batches are read but not yielded."""
+        first = self.peek()
         raw = self._raw()
         if self.steps is not None:
             raw = itertools.islice(raw, self.steps)
-        seen = 0
-        for x in raw:
-            seen += 1
-            yield _as_batch(x)
-        if seen == 0:
-            raise _no_batch(self.kind)
+        self.read = used = 0
+        for index, element in enumerate(raw):
+            x = _as_batch(element)
+            self.read += 1
+            _check_like_first(first, x, index)
+            _check_against_model(self.inputs, x, index)
+            if _rows(x, index) > 0:
+                used += 1
+                yield index, x
+        if used == 0:
+            raise _no_batch(self.kind, empty=self.read)
+
+    def replay(self) -> Source:
+        """A source of the first batch only, kept in memory: read as often as needed."""
+        return _Replay(self.peek(), self)
 
     def target(self) -> int | None:
         """The number of batches of a pass, or ``None`` when unknown."""
         if self.total is None:
             return self.steps
         return min(self.total, self.steps) if self.steps is not None else self.total
+
+
+class _Replay(Source):
+    total = 1
+
+    def __init__(self, first: Any, source: Source) -> None:
+        super().__init__(1)
+        self.kind, self.inputs = source.kind, source.inputs
+        self._first, self._peeked = first, True
+
+    def _raw(self) -> Iterator[Any]:
+        yield self._first
 
 
 class _ArraySource(Source):
@@ -195,12 +227,9 @@ class _PyDatasetSource(Source):
     def __init__(self, dataset: Any, steps: int | None) -> None:
         super().__init__(steps)
         self.dataset = dataset
-        total = getattr(dataset, "num_batches", None)
+        total = _length(dataset, "num_batches")  # Keras 3 PyDataset
         if total is None:
-            try:
-                total = len(dataset)
-            except TypeError:
-                total = None
+            total = _length(dataset, "__len__")  # a Sequence, or a PyDataset without it
         if total is None and steps is None:
             raise DataError(
                 "`data` is a PyDataset without a length, so the pass would never end. "
@@ -213,6 +242,16 @@ class _PyDatasetSource(Source):
         while self.total is None or index < self.total:
             yield _unpack(self.dataset[index])
             index += 1
+
+
+def _length(dataset: Any, method: str) -> int | None:
+    """``dataset.num_batches`` or ``len(dataset)``, or ``None`` when it does not say
+    (missing, ``None``, or Keras's ``NotImplementedError`` placeholder)."""
+    try:
+        value = len(dataset) if method == "__len__" else getattr(dataset, method)
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
+    return None if value is None else int(value)
 
 
 class _GeneratorSource(Source):
@@ -243,14 +282,23 @@ def open_source(data: Any, *, batch_size: int | None, steps: int | None, model: 
     elif isinstance(data, (types.GeneratorType, Iterator)) and not is_array(data):
         source = _GeneratorSource(data, steps)
     else:
-        return _ArraySource(_in_memory_x(data, model), batch_size, steps)
+        source = _ArraySource(_in_memory_x(data, model), batch_size, steps)
+        batch_size = None
     if batch_size is not None:
         raise ArgumentError(
             f"`batch_size` applies to in-memory arrays only; `data` is a {source.kind}, "
             f"which is batched already. Received: batch_size={batch_size}. Remove "
             "`batch_size` (or batch the data yourself)."
         )
+    source.inputs = _model_inputs(model)
     return source
+
+
+# --- checks of every batch ----------------------------------------------------------------
+
+
+def _batch_name(index: int) -> str:
+    return "a batch" if index == 0 else f"batch {index} (counting from 0)"
 
 
 def _shape_text(shape: Any) -> str:
@@ -262,37 +310,95 @@ def _shape_text(shape: Any) -> str:
     )
 
 
-def check_batch(model: Any, x: Any) -> None:
-    """Compare a batch with the model's declared inputs (when it declares them)."""
-    leaves = tf.nest.flatten(x)
+def _shape(leaf: Any) -> tuple[int | None, ...]:
+    if isinstance(leaf, tf.Tensor):
+        return tuple(leaf.shape)
+    return tuple(int(d) for d in np.shape(leaf))
+
+
+def _value_kind(leaf: Any) -> str:
+    """``"strings"`` or ``"numbers"`` (booleans count as numbers, as Keras casts them)."""
+    dtype = leaf.dtype
+    if isinstance(dtype, np.dtype):
+        return "strings" if dtype.kind in "OSU" else "numbers"
+    return "strings" if tf.as_dtype(getattr(dtype, "name", dtype)) == tf.string else "numbers"
+
+
+def _structure_text(x: Any) -> str:
+    if isinstance(x, dict):
+        return f"a dict with keys {sorted(map(str, x))}"
+    if isinstance(x, list):
+        return f"a list of {len(x)}"
+    return "an array" if is_array(x) else f"a {type(x).__name__}"
+
+
+def _check_leaves(x: Any, index: int) -> list[Any]:
+    leaves = list(tf.nest.flatten(x))
     for leaf in leaves:
         if not is_array(leaf):
             raise DataError(
-                "Expected every batch of `data` to hold arrays or tensors. Received a batch "
-                f"containing {type(leaf).__name__}."
+                "Expected every batch of `data` to hold arrays or tensors. Received "
+                f"{_batch_name(index)} containing {type(leaf).__name__}."
             )
-    inputs = _model_inputs(model)
+    return leaves
+
+
+def _check_like_first(first: Any, x: Any, index: int) -> None:
+    """``x`` has the structure, kinds of values and ranks of the first batch."""
+    try:
+        tf.nest.assert_same_structure(first, x, check_types=True)
+        same = True
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise DataError(
+            f"Expected every batch of `data` to be structured as the first one, "
+            f"{_structure_text(first)}. Received: {_batch_name(index)} that is "
+            f"{_structure_text(x)}."
+        )
+    for ref, leaf in zip(tf.nest.flatten(first), _check_leaves(x, index), strict=True):
+        if _value_kind(leaf) != _value_kind(ref) or len(_shape(leaf)) != len(_shape(ref)):
+            raise DataError(
+                f"Expected every batch of `data` to hold {_value_kind(ref)} of shape "
+                f"{_shape_text((None, *_shape(ref)[1:]))}, as the first one. Received: "
+                f"{_batch_name(index)} holding {_value_kind(leaf)} of shape "
+                f"{_shape_text(_shape(leaf))}."
+            )
+
+
+def _rows(x: Any, index: int) -> int:
+    """The batch size of ``x``: the first dimension of every array in it."""
+    shapes = [_shape(leaf) for leaf in tf.nest.flatten(x)]
+    sizes = {shape[0] for shape in shapes if shape}
+    if len(sizes) != 1 or not all(shapes):
+        raise DataError(
+            "Expected every array in a batch of `data` to have the same batch size (first "
+            f"dimension). Received: {_batch_name(index)} of arrays of shapes "
+            f"{', '.join(_shape_text(s) for s in shapes)}."
+        )
+    return int(sizes.pop() or 0)
+
+
+def _check_against_model(inputs: list[Any], x: Any, index: int) -> None:
+    """Compare a batch with the model's declared inputs (when it declares them)."""
+    leaves = _check_leaves(x, index)
     if not inputs or isinstance(x, dict) or len(leaves) != len(inputs):
         if inputs and not isinstance(x, dict):
             raise DataError(
-                f"The model takes {len(inputs)} input(s) but a batch of `data` holds "
-                f"{len(leaves)} array(s). Expected x to be "
+                f"The model takes {len(inputs)} input(s) but {_batch_name(index)} of `data` "
+                f"holds {len(leaves)} array(s). Expected x to be "
                 + ("an array" if len(inputs) == 1 else f"a list of {len(inputs)} arrays")
                 + " (datasets and generators may yield (x, y) pairs)."
             )
         return
     for expected, leaf in zip(inputs, leaves, strict=True):
-        want = tuple(expected.shape)
-        got = (
-            tuple(int(d) for d in np.shape(leaf))
-            if not isinstance(leaf, tf.Tensor)
-            else tuple(leaf.shape)
-        )
+        want, got = tuple(expected.shape), _shape(leaf)
         ok = len(want) == len(got) and all(
             w is None or w == g for w, g in zip(want[1:], got[1:], strict=True)
         )
         if not ok:
             raise DataError(
                 f"Expected batches of `data` to match the model's input shape "
-                f"{_shape_text(want)}. Received: a batch of shape {_shape_text(got)}."
+                f"{_shape_text(want)}. Received: {_batch_name(index)} of shape "
+                f"{_shape_text(got)}."
             )

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 
-from bnfreeze._compat import tf_variable
+from bnfreeze._compat import bn_cast_dtype, tf_variable
 from bnfreeze._errors import ArgumentError
 
 __all__ = ["Moments", "Plan", "Role", "bn_call", "replicas_in_sync"]
@@ -37,17 +37,34 @@ class Moments:
         return Moments(np.zeros(shape), np.zeros(shape), np.zeros(shape))
 
     def add(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
-        """Chan et al.'s pairwise update: exact for any split into batches."""
+        """Chan et al.'s pairwise update: exact for any split into batches.
+
+        Channels that counted nothing (an empty batch or replica share, a fully masked
+        channel) are skipped exactly, whatever their ``mean`` and ``m2`` say (the fused
+        kernel gives NaN for zero rows).
+        """
+        counted = count > 0
         total = self.count + count
         frac = np.divide(count, total, out=np.zeros_like(total), where=total > 0)
-        delta = mean - self.mean
-        self.mean = self.mean + delta * frac
-        self.m2 = self.m2 + m2 + delta * delta * self.count * frac
+        with np.errstate(all="ignore"):  # non-finite inputs stay so; non_finite() tells
+            delta = np.where(counted, mean - self.mean, 0.0)
+            self.mean = self.mean + delta * frac
+            self.m2 = self.m2 + np.where(counted, m2, 0.0) + delta * delta * self.count * frac
         self.count = total
 
     def variance(self) -> np.ndarray:
         """The biased variance (what Keras's BN keeps); 0 where nothing was counted."""
         return np.asarray(self.m2 / np.maximum(self.count, 1e-300))
+
+    def non_finite(self, dtype: Any) -> str | None:
+        """``"mean"`` or ``"variance"`` when that statistic is not finite in ``dtype``
+        (NaN, infinity, or too large for it), else ``None``."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not np.all(np.isfinite(self.mean.astype(dtype))):
+                return "mean"
+            if not np.all(np.isfinite(self.variance().astype(dtype))):
+                return "variance"
+        return None
 
 
 def replicas_in_sync() -> int:
@@ -102,16 +119,15 @@ class Role:
 
     kind: Literal["moving", "collect", "fixed", "probe"]
     index: int = -1
-    mean: Any = None
-    variance: Any = None
 
 
 @dataclass
 class Plan:
     """What each BN layer does in the current pass, by ``id(layer)``; read at trace time.
 
-    ``local`` holds what a trace collects: ``collected`` (target index -> one
-    ``(count, mean, M2)`` per call) and ``probes``.
+    ``local`` holds, while tracing, the given statistics of ``fixed`` layers (``fixed``:
+    target index -> ``(mean, variance)`` tensors) and what the trace collects:
+    ``collected`` (target index -> one ``(count, mean, M2)`` per call) and ``probes``.
     """
 
     upstream: str
@@ -132,6 +148,8 @@ def _channel_axes(layer: Any, rank: int) -> list[int]:
 def bn_call(plan: Plan, layer: Any, inputs: Any, mask: Any) -> Any:
     """What BN ``layer`` computes on ``inputs`` in the pass, as ``plan`` says (in a trace)."""
     role = plan.roles.get(id(layer), Role("moving"))
+    if not inputs.dtype.is_floating:  # an Input(dtype="int32"), a one-hot StringLookup
+        inputs = tf.cast(inputs, bn_cast_dtype(layer))
     rank = inputs.shape.rank
     axes = _channel_axes(layer, rank)
     reduce_axes = [i for i in range(rank) if i not in axes]
@@ -159,8 +177,9 @@ def bn_call(plan: Plan, layer: Any, inputs: Any, mask: Any) -> Any:
             mean = tf.cast(_read(layer.moving_mean), compute_dtype)
             variance = tf.cast(_read(layer.moving_variance), compute_dtype)
     elif role.kind == "fixed":
-        mean = tf.constant(role.mean, dtype=compute_dtype)
-        variance = tf.constant(role.variance, dtype=compute_dtype)
+        given_mean, given_variance = plan.local.fixed[role.index]
+        mean = tf.cast(given_mean, compute_dtype)
+        variance = tf.cast(given_variance, compute_dtype)
     else:
         mean = tf.cast(_read(layer.moving_mean), compute_dtype)
         variance = tf.cast(_read(layer.moving_variance), compute_dtype)

@@ -3,25 +3,34 @@
 Every BN layer the pass can run is intercepted (``_layers.intercepted``) for the pass:
 a selected one reduces its inputs to moments (``_moments``) and normalises as
 ``upstream`` says, the others normalise with their moving statistics and change
-nothing. The step is traced once per pass for batches shaped like the first one
-(``_data``) and run on every replica of the model's strategy; batches are merged on the
-host. The model's variables are assigned once, at the very end; until then nothing of
-the model changes (the interception, and any seed state a forward pass moves, are
-undone in ``finally``).
+nothing. Each pass is traced for batches shaped like the first one (``_data``), run on
+every replica of the model's strategy, and merged on the host. A runner keeps its traced
+passes; the model keeps its last runners, by selection, ``upstream`` and a fingerprint
+of everything a trace depends on, so a later call on the same model traces nothing.
+The model's variables are assigned once, at the very end; until then nothing of the
+model changes (the interception, and any seed state a forward pass moves, are undone in
+``finally``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
 import tensorflow as tf
 
-from bnfreeze._compat import keras, require_tensorflow_backend, strategy_of, to_numpy
-from bnfreeze._data import Source, batch_spec, check_batch, open_source
+from bnfreeze._compat import (
+    keras,
+    require_tensorflow_backend,
+    strategy_of,
+    tf_variable,
+    to_numpy,
+)
+from bnfreeze._data import Source, batch_spec, open_source
 from bnfreeze._errors import ArgumentError, DataError, SelectionError
 from bnfreeze._kinds import (
     check_supported_batch_norm,
@@ -29,6 +38,7 @@ from bnfreeze._kinds import (
     is_batch_norm,
     original_class,
     overridden_phase_method,
+    pinned_mode,
 )
 from bnfreeze._layers import intercepted
 from bnfreeze._moments import Moments, Plan, Role, bn_call
@@ -57,7 +67,8 @@ def recalibrate(
     ``data``, as if it were one batch. Guide: [recalibrating](recalibrate.md).
 
     Note: ``model`` is changed in place and returned; only the selected moving statistics
-    are written, after the whole pass. A call that raises changes nothing.
+    are written, after the whole pass. A call that raises changes nothing. Later calls
+    on the same model reuse its traced pass.
 
     Args:
         model: A built ``keras.Model`` of the installed flavour.
@@ -77,7 +88,7 @@ def recalibrate(
         ModelError: ``model`` is not a built Keras model of the installed flavour.
         SelectionError: ``layers`` selects no BatchNormalization layer.
         UnsupportedLayerError: a selected BN variant overrides its own ``call``.
-        DataError: ``data`` is empty, malformed or cannot be read as needed.
+        DataError: ``data`` is empty, malformed, non-finite or unreadable as needed.
         ArgumentError: a bad ``batch_size``, ``steps``, ``upstream`` or ``verbose``.
 
     Example:
@@ -100,32 +111,23 @@ def recalibrate(
     nodes = walk(model)
     targets = _targets(nodes, layers)
     source = open_source(data, batch_size=batch_size, steps=steps, model=model)
+    one_batch = source.target() == 1
+    if one_batch:
+        source = source.replay()  # read once; every pass uses the batch kept
     if upstream == "recalibrated" and not source.reiterable:
         raise DataError(
             "`upstream='recalibrated'` reads `data` once per level of BN dependency, but "
             f"`data` is a {source.kind}, which can be read only once. Expected arrays, a "
             "tf.data.Dataset or a keras.utils.PyDataset; or use upstream='batch' (one pass)."
         )
-    first = source.peek()
-    check_batch(model, first)
-    strategy = strategy_of(model)
-    runner = _Runner(model, nodes, targets, strategy, upstream)
-    with runner.intercepting():
-        levels = [0] * len(targets) if upstream == "batch" else runner.levels(first)
-        count = max(levels) + 1
-        found: dict[int, Moments] = {}
-        for level in range(count):
-            collect = [i for i, lv in enumerate(levels) if lv == level]
-            title = f"Pass {level + 1}/{count}" if count > 1 else None
-            found.update(runner.run_pass(source, collect, found, verbose_level, title))
-    results = _finalise(targets, found)
-    for node, (mean, variance) in zip(targets, results, strict=True):
-        layer = node.layer
-        _assign(layer.moving_mean, mean)
-        _assign(layer.moving_variance, variance)
-        if getattr(layer, "renorm", False) and getattr(layer, "moving_stddev", None) is not None:
-            # Batch renormalization keeps the inference variance as a moving stddev.
-            _assign(layer.moving_stddev, np.sqrt(variance + float(layer.epsilon)))
+    # With one batch, each BN's recalibrated statistics are those of the batch itself:
+    # upstream="batch" gives them in one pass, unless a selected BN is called twice.
+    fast = upstream == "recalibrated" and one_batch
+    runner = _runner(model, nodes, targets, "batch" if fast else upstream)
+    found = runner.run(source, verbose_level)
+    if fast and runner.called_twice:
+        found = _runner(model, nodes, targets, "recalibrated").run(source, verbose_level)
+    runner.assign(_finalise(targets, found))
     return model
 
 
@@ -186,15 +188,64 @@ def _finalise(
     return results
 
 
-def _assign(variable: Any, value: np.ndarray) -> None:
-    dtype = tf.as_dtype(variable.dtype).as_numpy_dtype
-    variable.assign(np.asarray(value, dtype=dtype).reshape(tuple(variable.shape)))
+# --- the runners, kept on the model --------------------------------------------------------
+
+_RUNNERS_ATTR = "_bnfreeze_recalibrate_runners"
+_RUNNERS_KEPT = 4
 
 
-# --- the pass ------------------------------------------------------------------------------
+class _Runners:
+    """The last runners of a model, by key (a plain object: Keras neither tracks nor saves it)."""
+
+    def __init__(self) -> None:
+        self.by_key: OrderedDict[tuple[Any, ...], _Runner] = OrderedDict()
+
+
+def _runner(model: Any, nodes: list[Node], targets: list[Node], upstream: str) -> _Runner:
+    """The runner of an earlier call with the same model, selection and upstream (its traced
+    passes reused), or a new one; at most ``_RUNNERS_KEPT`` per model."""
+    strategy = strategy_of(model)
+    key = (upstream, id(strategy), tuple(id(n.layer) for n in targets), _fingerprint(model, nodes))
+    runners = model.__dict__.get(_RUNNERS_ATTR)
+    if runners is None:
+        runners = _Runners()
+        object.__setattr__(model, _RUNNERS_ATTR, runners)
+    runner = runners.by_key.pop(key, None) or _Runner(model, nodes, targets, strategy, upstream)
+    runners.by_key[key] = runner
+    while len(runners.by_key) > _RUNNERS_KEPT:
+        runners.by_key.popitem(last=False)
+    return runner
+
+
+def _fingerprint(model: Any, nodes: list[Node]) -> tuple[Any, ...]:
+    """What a traced pass depends on besides its inputs: every layer (which one, its
+    class -- pinned or not --, mode, ``trainable`` flag, dtype policy; a BN's options)
+    and every variable (which one: values are read when the pass runs)."""
+    layers = tuple(
+        (
+            n.path,
+            id(n.layer),
+            type(n.layer),
+            pinned_mode(n.layer),
+            bool(n.layer.trainable),
+            str(getattr(n.layer, "compute_dtype", None)),
+            _bn_options(n.layer),
+        )
+        for n in nodes
+    )
+    return bool(model.trainable), layers, tuple(id(v) for v in model.variables)
+
+
+def _bn_options(layer: Any) -> tuple[Any, ...] | None:
+    if not is_batch_norm(layer):
+        return None
+    return (str(layer.axis), float(layer.epsilon), bool(layer.center), bool(layer.scale))
 
 
 class _Runner:
+    """The passes of one model, selection and ``upstream``: each traced once per input
+    signature and reused by later calls."""
+
     def __init__(
         self, model: Any, nodes: list[Node], targets: list[Node], strategy: Any, upstream: str
     ) -> None:
@@ -204,8 +255,8 @@ class _Runner:
         self.plan = Plan(upstream)
         self.distributed = strategy.num_replicas_in_sync > 1 or _is_multi_worker(strategy)
         target_ids = {id(n.layer) for n in targets}
-        # Every BN layer we can run ourselves is swapped, so none of them can update its
-        # moving statistics during the pass (even one hard-coded to training=True).
+        # Every BN layer we can run ourselves is intercepted, so none of them can update
+        # its moving statistics during the pass (even one hard-coded to training=True).
         self.intercepted_layers = [
             n.layer
             for n in nodes
@@ -219,11 +270,52 @@ class _Runner:
             for v in (layer.moving_mean, layer.moving_variance)
         }
         self.guarded = [v for v in _variables_a_pass_may_write(nodes) if id(v) not in tracked]
+        self.dtypes = [_numpy_dtype(n.layer.moving_variance) for n in targets]
+        self.functions: dict[tuple[Any, ...], Any] = {}
+        self.levels: list[int] | None = None
+        self.called_twice = False  # a selected BN was called more than once in a pass
+        self._assigner: Any = None
 
-    # -- set-up and restoration
+    def assign(self, results: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Write every target's statistics, all in one traced call."""
+        written, values = [], []
+        for node, (mean, variance) in zip(self.targets, results, strict=True):
+            layer = node.layer
+            pairs = [(layer.moving_mean, mean), (layer.moving_variance, variance)]
+            stddev = getattr(layer, "moving_stddev", None) if getattr(layer, "renorm", 0) else None
+            if stddev is not None:  # batch renormalization keeps the variance as a stddev
+                pairs.append((stddev, np.sqrt(variance + float(layer.epsilon))))
+            for variable, value in pairs:
+                written.append(tf_variable(variable))
+                shape = tuple(variable.shape)
+                values.append(np.asarray(value, _numpy_dtype(variable)).reshape(shape))
+        if self._assigner is None:
+
+            def assign_all(new: list[tf.Tensor]) -> None:
+                for variable, value in zip(written, new, strict=True):
+                    variable.assign(value)
+
+            specs = [tf.TensorSpec(v.shape, v.dtype) for v in values]
+            self._assigner = tf.function(_Step(assign_all), input_signature=(specs,))
+        self._assigner(values)
+
+    def run(self, source: Source, verbose: int) -> dict[int, Moments]:
+        """Every pass over ``source``; the moments of every target."""
+        first = source.peek()
+        with self._intercepting():
+            if self.levels is None:
+                batch = self.plan.upstream == "batch"
+                self.levels = [0] * len(self.targets) if batch else self._dependency_levels(first)
+            count = max(self.levels) + 1
+            found: dict[int, Moments] = {}
+            for level in range(count):
+                collect = tuple(i for i, lv in enumerate(self.levels) if lv == level)
+                title = f"Pass {level + 1}/{count}" if count > 1 else None
+                found.update(self._run_pass(source, collect, found, verbose, title))
+        return found
 
     @contextlib.contextmanager
-    def intercepting(self) -> Iterator[None]:
+    def _intercepting(self) -> Iterator[None]:
         """Every BN layer we can run ourselves goes through ``bn_call`` for the block;
         the guarded state (seed generators a forward pass may move) is put back after."""
         values = [to_numpy(v) for v in self.guarded]
@@ -244,43 +336,52 @@ class _Runner:
 
     # -- the step
 
-    def _replica_step(self, x: Any) -> dict[str, list[tuple[tf.Tensor, ...]]]:
-        self.plan.local.collected = {}
-        self.model(x, training=False)
-        collected = self.plan.local.collected
-        self.plan.local.collected = {}
-        return {str(k): v for k, v in sorted(collected.items())}
+    def _function(self, collect: tuple[int, ...], known: dict[int, Moments], first: Any) -> Any:
+        """The step collecting ``collect``, the ``known`` layers normalising with statistics
+        it is given: traced for batches shaped like ``first`` (any batch size), then kept."""
+        fixed = tuple(sorted(known))
+        signature = batch_spec(first)
+        key = (collect, fixed, str(signature))
+        if key in self.functions:
+            return self.functions[key]
+        layers = [n.layer for n in self.targets]
+        roles = {id(layers[i]): Role("collect", i) for i in collect}
+        roles.update({id(layers[i]): Role("fixed", i) for i in fixed})
+        plan = self.plan
 
-    def _function(self, first: Any) -> Any:
-        """The step: traced once for batches shaped like ``first`` (any batch size).
+        def replica_step(x: Any, statistics: Any) -> dict[str, list[tuple[tf.Tensor, ...]]]:
+            plan.roles = roles  # read while tracing
+            plan.local.fixed = dict(zip(fixed, statistics, strict=True))
+            plan.local.collected = {}
+            self.model(x, training=False)
+            collected, plan.local.collected = plan.local.collected, {}
+            return {str(k): v for k, v in sorted(collected.items())}
 
-        Each pass wraps a fresh callable object: TensorFlow counts traces per code
-        object and would warn about "retracing" after a few passes of one call.
-        """
-        replica_step = _Step(self._replica_step)
+        # A fresh callable object per step: TensorFlow counts traces per code object and
+        # would warn about "retracing" after a few passes of one call.
+        step = _Step(replica_step)
+        if self.distributed:
+            traced = tf.function(
+                _Step(lambda x, s: self.strategy.run(step, args=(x, s))), reduce_retracing=True
+            )
+        else:
+            given = tuple(2 * (tf.TensorSpec(known[i].mean.shape, tf.float64),) for i in fixed)
+            traced = tf.function(step, input_signature=(signature, given))
+        relaxed: list[Any] = []
 
-        if not self.distributed:
-            signature = batch_spec(first)
-            traced = tf.function(replica_step, input_signature=(signature,))
-            relaxed: list[Any] = []
+        def call(x: Any, statistics: Any) -> Any:
+            fits = all(
+                spec.is_compatible_with(t)
+                for spec, t in zip(tf.nest.flatten(signature), tf.nest.flatten(x), strict=True)
+            )
+            if fits or self.distributed:
+                return traced(x, statistics)
+            if not relaxed:  # batches of varying shapes (e.g. padded per batch)
+                relaxed.append(tf.function(step, reduce_retracing=True))
+            return relaxed[0](x, statistics)
 
-            def call(x: Any) -> Any:
-                fits = all(
-                    spec.is_compatible_with(t)
-                    for spec, t in zip(tf.nest.flatten(signature), tf.nest.flatten(x), strict=True)
-                )
-                if fits:
-                    return traced(x)
-                if not relaxed:  # batches of varying shapes (e.g. padded per batch)
-                    relaxed.append(tf.function(replica_step, reduce_retracing=True))
-                return relaxed[0](x)
-
-            return call
-
-        def step(x: Any) -> Any:
-            return self.strategy.run(replica_step, args=(x,))
-
-        return tf.function(step, reduce_retracing=True)
+        self.functions[key] = call
+        return call
 
     def _distribute(self, x: Any) -> Any:
         tensors = tf.nest.map_structure(tf.convert_to_tensor, x)
@@ -305,46 +406,59 @@ class _Runner:
 
     # -- passes
 
-    def run_pass(
+    def _run_pass(
         self,
         source: Source,
-        collect: list[int],
+        collect: tuple[int, ...],
         known: dict[int, Moments],
         verbose: int,
         title: str | None,
     ) -> dict[int, Moments]:
-        roles: dict[int, Role] = {}
-        for node in self.targets:
-            i = self.index[id(node.layer)]
-            if i in collect:
-                roles[id(node.layer)] = Role("collect", i)
-            elif i in known:
-                roles[id(node.layer)] = Role("fixed", i, known[i].mean, known[i].variance())
-        self.plan.roles = roles
-        function = self._function(source.peek())
+        fixed = tuple(sorted(known))
+        statistics = tuple(
+            (tf.constant(known[i].mean), tf.constant(known[i].variance())) for i in fixed
+        )
+        function = self._function(collect, known, source.peek())
         found: dict[int, Moments] = {}
         if title and verbose:
             print(title, file=sys.stdout)
         bar = keras.utils.Progbar(source.target(), verbose=verbose) if verbose else None
         seen = 0
-        for x in source.batches():
-            out = self._local(function(self._distribute(x)))
+        for batch, x in source.batches():
+            out = self._local(function(self._distribute(x), statistics))
             for key, calls in out.items():
                 index = int(key)
+                self.called_twice = self.called_twice or len(calls) > 1
                 for count, mean, m2 in calls:
                     count_np = np.asarray(count, dtype=np.float64)
                     moments = found.get(index)
                     if moments is None:
                         moments = found[index] = Moments.empty(count_np.shape)
                     moments.add(count_np, np.asarray(mean), np.asarray(m2))
-            seen += 1
+            self._check_finite(found, [int(key) for key in out], batch)
+            seen = batch + 1
             if bar is not None:
                 bar.update(seen)
-        if bar is not None and source.target() is None:
-            bar.update(seen, finalize=True)
+        if bar is not None and (source.read != seen or source.target() is None):
+            bar.update(source.read, finalize=source.target() is None)
         return found
 
-    def levels(self, first: Any) -> list[int]:
+    def _check_finite(self, found: dict[int, Moments], updated: list[int], batch: int) -> None:
+        """Refuse statistics that are not finite in the variables' dtype, naming the first
+        selected layer (in model order) they belong to and the batch that made them so."""
+        for index in sorted(updated):
+            node, dtype = self.targets[index], self.dtypes[index]
+            which = found[index].non_finite(dtype)
+            if which is not None:
+                raise DataError(
+                    f"Layer {node.path!r} would get a non-finite moving_{which}: it became "
+                    f"non-finite at batch {batch} of `data` (counting from 0), where the "
+                    f"layer's inputs hold NaN or infinity, or values whose {which} overflows "
+                    f"{dtype.name}. Nothing was changed. Expected finite inputs of "
+                    "moderate size: check `data` for NaN and infinite values, and its scale."
+                )
+
+    def _dependency_levels(self, first: Any) -> list[int]:
         """Level of BN dependency of each target: 0 if no selected BN feeds it, else 1 + max."""
         self.plan.roles = {
             id(n.layer): Role("probe", self.index[id(n.layer)]) for n in self.targets
@@ -360,9 +474,8 @@ class _Runner:
             result["order"] = [i for i, _, _ in self.plan.local.probes]
             return tf.constant(0)
 
-        x = tf.nest.map_structure(tf.convert_to_tensor, first)
         with self.strategy.scope() if self.distributed else contextlib.nullcontext():
-            tf.function(probe).get_concrete_function(x)
+            tf.function(_Step(probe)).get_concrete_function(batch_spec(first))
         masks: list[int] = result["masks"]
         levels = [0] * len(self.targets)
         order = _first_call_order(result["order"], len(self.targets))
@@ -384,8 +497,8 @@ class _Step:
     def __init__(self, function: Any) -> None:
         self.function = function
 
-    def __call__(self, x: Any) -> Any:
-        return self.function(x)
+    def __call__(self, *args: Any) -> Any:
+        return self.function(*args)
 
 
 def _first_call_order(order: list[int], count: int) -> list[int]:
@@ -419,6 +532,11 @@ def _ancestors(probes: list[tuple[int, tf.Tensor, tf.Tensor]], count: int) -> li
             masks[i] |= earlier
         earlier |= 1 << i
     return masks
+
+
+def _numpy_dtype(variable: Any) -> np.dtype[Any]:
+    dtype: np.dtype[Any] = np.dtype(tf.as_dtype(variable.dtype).as_numpy_dtype)
+    return dtype
 
 
 def _is_multi_worker(strategy: Any) -> bool:
