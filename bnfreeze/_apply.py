@@ -132,7 +132,10 @@ def _changes(plan: Plan) -> Iterator[Change]:
         else:
             yield Change(f"pin layer {node.path!r} in mode {mode!r}", _bind(pin, node.layer, mode))
     for node, kept in plan.kept_active:
-        yield Change(f"mark layer {node.path!r}", _bind(mark_kept_active, node.layer, kept))
+        yield Change(
+            f"{'mark' if kept else 'unmark'} layer {node.path!r} as kept active",
+            _bind(mark_kept_active, node.layer, kept),
+        )
     yield from _recorded_training_changes(plan.model, plan.nodes)
     yield from _carrier_changes(plan.model, plan.nodes)
 

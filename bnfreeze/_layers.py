@@ -314,6 +314,9 @@ def _pinned_as_saved(layer: Any, config: dict[str, Any]) -> Any:
         )
     check_saved_mode(layer, config["mode"])
     pin(layer, config["mode"])
+    # Some layers' own config leaves `trainable` out (Keras 3 SpatialDropout, Pipeline).
+    if "trainable" in config and bool(layer.trainable) != bool(config["trainable"]):
+        layer.trainable = bool(config["trainable"])
     return layer
 
 
