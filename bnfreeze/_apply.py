@@ -288,10 +288,20 @@ def _holds_a_freeze(node: Node, nodes: list[Node]) -> bool:
     )
 
 
+def _containers_that_rebuild(model: Any, nodes: list[Node]) -> list[Node]:
+    containers = [root(model), *[n for n in nodes if n.is_container]]
+    return [n for n in containers if _rebuilds_its_layers(n.layer)]
+
+
+def prepare_carriers(model: Any, nodes: list[Node]) -> None:
+    """Make the carrier classes ``apply`` may need (warning, outside ``apply``, about a
+    container class that cannot be subclassed)."""
+    for node in _containers_that_rebuild(model, nodes):
+        carrier_class(original_class(node.layer))
+
+
 def _carrier_changes(model: Any, nodes: list[Node]) -> Iterator[Change]:
-    for node in [root(model), *[n for n in nodes if n.is_container]]:
-        if not _rebuilds_its_layers(node.layer):
-            continue
+    for node in _containers_that_rebuild(model, nodes):
         name = f"container {node.path!r}" if node.path else "the model"
         carrying = type(node.layer) in _CARRIER_SET
         if _holds_a_freeze(node, nodes):
@@ -324,20 +334,20 @@ def carrier_class(base: type) -> type | None:
         "__doc__": f"{base.__name__} carrying a bnfreeze freeze through saving.",
     }
     try:
-        cls: type | None = generated_subclass(base, members)
+        cls = generated_subclass(base, members)
     except Exception as exc:
         warnings.warn(
             f"bnfreeze cannot subclass {base.__name__} ({type(exc).__name__}: {exc}), so a "
             f"frozen {base.__name__} loses its freeze when saved and loaded: its config "
             "rebuilds its layers. Call bnfreeze.freeze again after loading it.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=5,  # freeze's caller
         )
-        cls = None
-    else:
-        register_serialized_name(cls, CONTAINER_REGISTERED_NAME)
-        register_generated_class(cls, base, pins=False)
-        _CARRIER_SET.add(cls)
+        _CARRIERS[base] = None
+        return None
+    register_serialized_name(cls, CONTAINER_REGISTERED_NAME)
+    register_generated_class(cls, base, pins=False)
+    _CARRIER_SET.add(cls)
     _CARRIERS[base] = cls
     return cls
 

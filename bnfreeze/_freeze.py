@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bnfreeze._apply import Plan, apply
+from bnfreeze._apply import Plan, apply, prepare_carriers
 from bnfreeze._errors import ArgumentTypeError, UnsupportedLayerError
 from bnfreeze._kinds import (
     check_supported_batch_norm,
@@ -76,6 +76,7 @@ def _final_trainable(
 
 def _plan_and_apply(model: Any, nodes: list[Node], planned: list[_Step], function: str) -> None:
     _check_pinnable(planned)
+    prepare_carriers(model, nodes)
     steps = {id(s.node): s for s in planned}
     leaf_trainable = {
         id(n.layer): (steps[id(n)].trainable if id(n) in steps else bool(n.layer.trainable))

@@ -160,8 +160,7 @@ def test_backbone_clone_keeps_its_pins(name: str) -> None:
 
     def pins(model: Any) -> list[tuple[str, bool, str | None]]:  # KerasHub renames blocks
         return [
-            (type(n.layer).__name__, n.layer.trainable, pinned_mode(n.layer))
-            for n in walk(model)
+            (type(n.layer).__name__, n.layer.trainable, pinned_mode(n.layer)) for n in walk(model)
         ]
 
     assert pins(clone) == pins(backbone)

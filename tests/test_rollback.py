@@ -40,9 +40,7 @@ def model_state(model: Any) -> dict[str, Any]:
             for x in layers
         ],
         "variable_flags": [(v.name, bool(v.trainable)) for v in model.variables],
-        "recorded": [
-            (x.name, [(value,) for _, value in recorded_training(x)]) for x in layers
-        ],
+        "recorded": [(x.name, [(value,) for _, value in recorded_training(x)]) for x in layers],
         "removed": [
             (x.name, [getattr(n, "_bnfreeze_training", _ABSENT) for n in graph_nodes(x)])
             for x in layers

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze._compat import IS_TF_KERAS, KERAS_VERSION, keras
+from bnfreeze._compat import IS_TF_KERAS, keras
 from bnfreeze._freeze import frozen_modes
 from bnfreeze._kinds import depends_on_phase
 from bnfreeze._modes import MODES
@@ -52,7 +52,7 @@ SKIPPED = {
     "JaxLayer": "wraps a JAX function: needs the JAX backend",
     "TorchModuleWrapper": "wraps a torch.nn.Module: needs the torch backend and torch",
     "DenseFeatures": "needs tf.feature_column input dicts (deprecated TF API, tf-keras only)",
-    "Equalization": "Keras builds no graph through it (a functional model raises 'part of a cycle')",
+    "Equalization": "Keras builds no graph through it (a functional model: 'part of a cycle')",
 }
 
 
@@ -211,7 +211,9 @@ def build_case(name: str, seed: int = 0) -> tuple[Any, Any]:
 
 
 OPS = ("config", "clone", "keras", "h5")
-_SafeModeScope = importlib.import_module(f"{keras.__name__}.src.saving.serialization_lib").SafeModeScope
+_SafeModeScope = importlib.import_module(
+    f"{keras.__name__}.src.saving.serialization_lib"
+).SafeModeScope
 
 
 def copy_model(op: str, model: Any, directory: str, *, safe: bool = True) -> Any:
@@ -245,9 +247,7 @@ def assert_same_outputs(actual: list[np.ndarray], expected: list[np.ndarray]) ->
 
 def trainable_flags(model: Any, *, containers: bool = True) -> list[tuple[str, bool]]:
     return [
-        (n.path, bool(n.layer.trainable))
-        for n in walk(model)
-        if containers or not n.is_container
+        (n.path, bool(n.layer.trainable)) for n in walk(model) if containers or not n.is_container
     ]
 
 
@@ -438,3 +438,36 @@ def test_saved_forms_of_another_version_are_refused() -> None:
         "in format version 2, and this bnfreeze reads format version 1. Install the bnfreeze "
         "version that saved the model (or a newer one) to load it."
     )
+
+
+class PickyModel(keras.Model):
+    """A subclassed model whose subclasses must name a flavour: bnfreeze cannot subclass it."""
+
+    def __init_subclass__(cls, *, flavour: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dense = L.Dense(4, name="dense")
+        self.bn = L.BatchNormalization(name="bn")
+
+    def call(self, inputs: Any, training: Any = None) -> Any:
+        return self.bn(self.dense(inputs), training=training)
+
+
+def test_a_model_class_that_cannot_be_subclassed_is_frozen_with_one_warning() -> None:
+    """The freeze holds, and freeze warns once that it will not survive saving."""
+    model = PickyModel(name="picky")
+    model(h.data((6,)))
+    with pytest.warns(UserWarning) as record:
+        bnfreeze.freeze(model)
+    assert [str(w.message) for w in record] == [
+        "bnfreeze cannot subclass PickyModel (TypeError: PickyModel.__init_subclass__() "
+        "missing 1 required keyword-only argument: 'flavour'), so a frozen PickyModel loses "
+        "its freeze when saved and loaded: its config rebuilds its layers. Call "
+        "bnfreeze.freeze again after loading it."
+    ]
+    assert frozen_modes(model) == {"bn": "inference"}
+    assert type(model) is PickyModel
+    bnfreeze.freeze(model, bn_mode="affine")  # once per class: no second warning
+    assert frozen_modes(model) == {"bn": "affine"}
