@@ -110,7 +110,8 @@ def freeze(
 
     Note:
         ``model`` is changed in place and returned: no layer is replaced and no variable
-        copied. Every check runs first: when ``freeze`` raises, nothing has changed.
+        copied. Every check runs first, and a change that fails half-way is undone:
+        when ``freeze`` raises, nothing has changed.
 
     Args:
         model: A built ``keras.Model`` (Sequential, functional, subclassed, nested).
@@ -127,7 +128,9 @@ def freeze(
         ModelError: ``model`` is not a built Keras model of the installed flavour.
         ModeError: ``bn_mode`` is not one of the four modes.
         SelectionError: ``layers`` matches nothing (the message names close paths).
-        UnsupportedLayerError: a selected BN variant overrides its own ``call``.
+        UnsupportedLayerError: a selected BN variant overrides its own ``call``, or a
+            selected layer refuses the change (its class cannot be subclassed, its
+            ``trainable`` setter raises).
         ArgumentTypeError: ``keep_dropout`` is not a bool.
 
     Example:
@@ -183,7 +186,8 @@ def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = No
         ``model`` itself.
 
     Raises:
-        ModelError, ModeError, SelectionError: as [`freeze`][bnfreeze.freeze].
+        ModelError, ModeError, SelectionError, UnsupportedLayerError: as
+            [`freeze`][bnfreeze.freeze].
 
     Example:
         >>> import keras, bnfreeze
