@@ -47,6 +47,7 @@ from bnfreeze._kinds import (
 )
 from bnfreeze._layers import (
     FORMAT_VERSION,
+    SavedFormLoader,
     check_saved_form,
     check_saved_mode,
     generated_subclass,
@@ -382,11 +383,8 @@ def _carrier_from_config(cls: Any, config: dict[str, Any], custom_objects: Any =
 
 
 @keras.saving.register_keras_serializable(package="bnfreeze", name="FrozenContainer")
-class FrozenContainer:
+class FrozenContainer(SavedFormLoader):
     """Loads containers saved while carrying a freeze: rebuilds, then freezes them again."""
-
-    def get_config(self) -> dict[str, Any]:  # pragma: no cover - never instantiated
-        raise NotImplementedError
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:

@@ -133,7 +133,7 @@ def freeze(
             ``trainable`` setter raises).
         ArgumentTypeError: ``keep_dropout`` is not a bool.
 
-    Example:
+    Examples:
         >>> import keras, bnfreeze
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="dense"),
         ...     keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="head")])
@@ -189,7 +189,7 @@ def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = No
         ModelError, ModeError, SelectionError, UnsupportedLayerError: as
             [`freeze`][bnfreeze.freeze].
 
-    Example:
+    Examples:
         >>> import keras, bnfreeze
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
         ...                           keras.layers.BatchNormalization()])

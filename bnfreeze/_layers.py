@@ -329,12 +329,17 @@ def check_saved_mode(layer: Any, mode: Any) -> None:
         raise SavedFormatError(f"Unknown pinned mode {mode!r} in a saved bnfreeze layer config.")
 
 
-@keras.saving.register_keras_serializable(package="bnfreeze", name="Frozen")
-class Frozen:
-    """Loads layers saved while pinned by bnfreeze: rebuilds the original layer, pins it."""
+class SavedFormLoader:
+    """Base of the classes registered for bnfreeze's saved forms: Keras calls their
+    ``from_config``, which returns the rebuilt object (they are never instantiated)."""
 
     def get_config(self) -> dict[str, Any]:  # pragma: no cover - never instantiated
         raise NotImplementedError
+
+
+@keras.saving.register_keras_serializable(package="bnfreeze", name="Frozen")
+class Frozen(SavedFormLoader):
+    """Loads layers saved while pinned by bnfreeze: rebuilds the original layer, pins it."""
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:

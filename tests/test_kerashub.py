@@ -34,27 +34,23 @@ keras_hub = pytest.importorskip(
 )
 M = keras_hub.models
 
+
+def _resnet(*, pre_activation: bool) -> Any:
+    return M.ResNetBackbone(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64, 64],
+        stackwise_num_blocks=[1, 1],
+        stackwise_num_strides=[1, 2],
+        block_type="basic_block",
+        use_pre_activation=pre_activation,
+        image_shape=(32, 32, 3),
+    )
+
+
 BACKBONES: dict[str, Callable[[], Any]] = {
-    "resnet_v1": lambda: M.ResNetBackbone(
-        input_conv_filters=[64],
-        input_conv_kernel_sizes=[7],
-        stackwise_num_filters=[64, 64],
-        stackwise_num_blocks=[1, 1],
-        stackwise_num_strides=[1, 2],
-        block_type="basic_block",
-        use_pre_activation=False,
-        image_shape=(32, 32, 3),
-    ),
-    "resnet_v2": lambda: M.ResNetBackbone(
-        input_conv_filters=[64],
-        input_conv_kernel_sizes=[7],
-        stackwise_num_filters=[64, 64],
-        stackwise_num_blocks=[1, 1],
-        stackwise_num_strides=[1, 2],
-        block_type="basic_block",
-        use_pre_activation=True,
-        image_shape=(32, 32, 3),
-    ),
+    "resnet_v1": lambda: _resnet(pre_activation=False),
+    "resnet_v2": lambda: _resnet(pre_activation=True),
     "efficientnet": lambda: M.EfficientNetBackbone(
         stackwise_kernel_sizes=[3, 3],
         stackwise_num_repeats=[1, 1],
