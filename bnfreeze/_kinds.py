@@ -3,9 +3,8 @@
 The questions every other module asks about one layer, answered in one place. Pinned
 layers (see ``_layers``) are instances of generated subclasses registered here with the
 class they were made from; their mode is kept on the instance. A container that carries
-its parts' freeze through saving (see ``_layers.carry_freeze``) is an instance of a
-generated subclass too, registered here as well but not pinned. Nothing else reads or
-writes either.
+its parts' freeze through saving (see ``_apply``) is an instance of a generated subclass
+too, registered here as well but not pinned. Nothing else reads or writes either.
 """
 
 from __future__ import annotations

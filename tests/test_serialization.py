@@ -471,3 +471,19 @@ def test_a_model_class_that_cannot_be_subclassed_is_frozen_with_one_warning() ->
     assert type(model) is PickyModel
     bnfreeze.freeze(model, bn_mode="affine")  # once per class: no second warning
     assert frozen_modes(model) == {"bn": "affine"}
+
+
+@pytest.mark.parametrize("kind", sorted(h.BUILDERS))
+def test_every_model_kind_keeps_its_freeze_through_saving(kind: str, tmp_path: Any) -> None:
+    """.keras (and .h5 where Keras writes the kind) of every frozen model kind, shared layers
+    and subclassed models included: the same modes, flags and predictions."""
+    model = h.BUILDERS[kind]()
+    h.set_far_statistics(model)
+    bnfreeze.freeze(model, bn_mode="affine")
+    x = h.inputs_for(model)
+    for op in ("keras", "h5") if kind != "subclassed" else ("keras",):
+        os.makedirs(tmp_path / op)
+        path = str(tmp_path / op / f"model.{op}")
+        model.save(path)
+        loaded = keras.models.load_model(path, custom_objects={"Subclassed": h.Subclassed})
+        check_same_freeze(loaded, model, x)
