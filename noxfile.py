@@ -6,6 +6,11 @@ Each Keras flavour gets its own virtual environment (under ``.nox/``, out of git
 * ``keras-3.16-dev``: the same with keras replaced by keras-nightly 3.16.0.dev2026102704
   (both distributions ship the ``keras`` package, so the stable one is removed first);
 * ``tf-keras``: tensorflow-cpu 2.21 with tf-keras 2.21 and ``TF_USE_LEGACY_KERAS=1``.
+
+The two Keras 3 environments also get KerasHub (its backbones are tested built from
+config, never from presets). Its declared dependencies would pull in the full
+``tensorflow`` and ``tensorflow-text`` over tensorflow-cpu, so it is installed without
+them, with the two small packages it imports (``regex``, ``tokenizers``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ nox.options.sessions = ["lint", "docs", "tests"]
 TF = "tensorflow-cpu==2.21.0"
 KERAS_NIGHTLY = "keras-nightly==3.16.0.dev2026102704"
 TEST_DEPS = ["numpy", "pytest>=8", "hypothesis>=6", "pytest-timeout", "h5py"]
+#: keras-hub 0.32 does not import on keras-nightly (it imports a name 3.16 moved): the
+#: 3.16-dev environment gets the keras-hub nightly of the same days.
+KERAS_HUB = {
+    "keras-3.15": "keras-hub==0.32.0",
+    "keras-3.16-dev": "keras-hub-nightly==0.33.0.dev202610250352",
+}
+KERAS_HUB_IMPORTS = ["regex", "tokenizers"]
 FLAVOURS = ["keras-3.15", "keras-3.16-dev", "tf-keras"]
 
 
@@ -37,6 +49,8 @@ def _install_flavour(session: nox.Session, flavour: str) -> dict[str, str]:
     elif flavour == "tf-keras":
         session.install("tf-keras==2.21.0")
         env["TF_USE_LEGACY_KERAS"] = "1"
+    if flavour in KERAS_HUB:
+        session.install("--no-deps", KERAS_HUB[flavour], *KERAS_HUB_IMPORTS)
     session.install("--no-deps", "-e", ".")
     return env
 

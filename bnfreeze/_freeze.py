@@ -1,8 +1,9 @@
 """freeze / unfreeze: validate -> plan -> apply.
 
-Nothing is changed until every argument, layer and mode has been checked; the plan then
-lists, for every layer, the class and ``trainable`` flag it will end with, and applying
-it is a loop with no decision left in it.
+Nothing is changed until every argument, layer and mode has been checked and every
+class a layer will be switched to exists; the plan then lists, for every layer, the
+``trainable`` flag it ends with and whether it is pinned, and ``_apply`` makes those
+changes, undoing all of them if one fails.
 """
 
 from __future__ import annotations
@@ -10,29 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bnfreeze._compat import (
-    graph_nodes,
-    recorded_training,
-    remove_recorded_training,
-    reset_compiled_functions,
-    set_recorded_training,
-)
-from bnfreeze._errors import ArgumentTypeError
+from bnfreeze._apply import Plan, apply, prepare_carriers
+from bnfreeze._errors import ArgumentTypeError, UnsupportedLayerError
 from bnfreeze._kinds import (
     check_supported_batch_norm,
     depends_on_phase,
     is_batch_norm,
     is_pinned,
-    mark_kept_active,
+    original_class,
     pinned_mode,
 )
-from bnfreeze._layers import pin, unpin
+from bnfreeze._layers import pinned_class
 from bnfreeze._modes import PINNED_INFERENCE, BNMode, check_mode
 from bnfreeze._select import Selector, select
-from bnfreeze._walk import Node, check_model, fully_pinned, root, walk
-
-#: Where a graph node keeps the ``training=`` value ``freeze`` removed from it.
-_REMOVED_TRAINING = "_bnfreeze_training"
+from bnfreeze._walk import Node, check_model, walk
 
 
 @dataclass(frozen=True)
@@ -43,16 +35,30 @@ class _Step:
     kept_active: bool = False  # frozen with keep_dropout=True: active in fit on purpose
 
 
-def _check_supported(steps: list[_Step]) -> None:
+def _check_pinnable(steps: list[_Step]) -> None:
     for step in steps:
-        if is_batch_norm(step.node.layer):
-            check_supported_batch_norm(step.node.path, step.node.layer)
+        layer = step.node.layer
+        if is_batch_norm(layer):
+            check_supported_batch_norm(step.node.path, layer)
+        if step.pin is None:
+            continue
+        cls = original_class(layer)
+        try:
+            pinned_class(cls)
+        except Exception as exc:
+            raise UnsupportedLayerError(
+                f"Layer {step.node.path!r} is a {cls.__name__}, a class bnfreeze cannot "
+                f"subclass ({type(exc).__name__}: {exc}); bnfreeze pins a layer by switching "
+                "it to a generated subclass of its own class. Leave it out of `layers=` "
+                "(for example with a predicate), or let the class be subclassed without "
+                "arguments."
+            ) from exc
 
 
 def _final_trainable(
     nodes: list[Node], model: Any, leaf_trainable: dict[int, bool]
 ) -> dict[int, bool]:
-    """Trainable flag of every node: units as planned, containers True iff a child is."""
+    """Trainable flag of every layer: units as planned, containers True iff a child is."""
     final: dict[int, bool] = dict(leaf_trainable)
     children: dict[int, list[Node]] = {}
     for node in nodes:
@@ -60,61 +66,31 @@ def _final_trainable(
     for node in reversed(nodes):  # children before parents
         if node.is_container:
             kids = children.get(id(node.layer), [])
-            final[id(node)] = any(final[id(c)] for c in kids) if kids else node.layer.trainable
+            final[id(node.layer)] = (
+                any(final[id(c.layer)] for c in kids) if kids else node.layer.trainable
+            )
     top = children.get(id(model), [])
-    final[id(model)] = any(final[id(n)] for n in top) if top else model.trainable
+    final[id(model)] = any(final[id(n.layer)] for n in top) if top else model.trainable
     return final
 
 
-def _apply(model: Any, nodes: list[Node], steps: dict[int, _Step], final: dict[int, bool]) -> None:
-    # Containers first (their setter propagates down), then every layer gets its own flag.
-    model.trainable = final[id(model)]
-    for node in nodes:
-        node.layer.trainable = final[id(node)]
-    for node in nodes:
-        step = steps.get(id(node))
-        if step is None:
-            continue
-        if step.pin is None:
-            unpin(node.layer)
-        else:
-            pin(node.layer, step.pin)
-        mark_kept_active(node.layer, step.kept_active)
-    _sync_recorded_training(model, nodes)
-    reset_compiled_functions(model)
-
-
-def _sync_recorded_training(model: Any, nodes: list[Node]) -> None:
-    """Remove ``training=`` recorded in graph calls of fully pinned parts; restore the rest.
-
-    A recorded ``base(x, training=False)`` is ignored by keras 3.0-3.15 and leaks to every
-    later layer in 3.16 (the head's Dropout stops). Once the part decides its own phase
-    the recorded value says nothing, so it is removed (and remembered on the node, so
-    :func:`unfreeze` puts it back). The model itself counts too: ``freeze(base)`` on a
-    base that an outer graph calls with ``training=False`` fixes that call.
-    """
-    for node in [root(model), *nodes]:
-        if fully_pinned(node, nodes):
-            for graph_node, value in recorded_training(node.layer):
-                setattr(graph_node, _REMOVED_TRAINING, value)
-                remove_recorded_training(graph_node)
-        else:
-            for graph_node in graph_nodes(node.layer):
-                if hasattr(graph_node, _REMOVED_TRAINING):
-                    set_recorded_training(graph_node, getattr(graph_node, _REMOVED_TRAINING))
-                    delattr(graph_node, _REMOVED_TRAINING)
-
-
-def _plan_and_apply(model: Any, nodes: list[Node], planned: list[_Step]) -> None:
-    _check_supported(planned)
+def _plan_and_apply(model: Any, nodes: list[Node], planned: list[_Step], function: str) -> None:
+    _check_pinnable(planned)
+    prepare_carriers(model, nodes)
     steps = {id(s.node): s for s in planned}
     leaf_trainable = {
-        id(n): (steps[id(n)].trainable if id(n) in steps else bool(n.layer.trainable))
+        id(n.layer): (steps[id(n)].trainable if id(n) in steps else bool(n.layer.trainable))
         for n in nodes
         if not n.is_container
     }
-    final = _final_trainable(nodes, model, leaf_trainable)
-    _apply(model, nodes, steps, final)
+    plan = Plan(
+        model=model,
+        nodes=nodes,
+        trainable=_final_trainable(nodes, model, leaf_trainable),
+        pins=[(s.node, s.pin) for s in planned],
+        kept_active=[(s.node, s.kept_active) for s in planned],
+    )
+    apply(plan, function=function)
 
 
 def freeze(
@@ -134,7 +110,8 @@ def freeze(
 
     Note:
         ``model`` is changed in place and returned: no layer is replaced and no variable
-        copied. Every check runs first: when ``freeze`` raises, nothing has changed.
+        copied. Every check runs first, and a change that fails half-way is undone:
+        when ``freeze`` raises, nothing has changed.
 
     Args:
         model: A built ``keras.Model`` (Sequential, functional, subclassed, nested).
@@ -151,7 +128,9 @@ def freeze(
         ModelError: ``model`` is not a built Keras model of the installed flavour.
         ModeError: ``bn_mode`` is not one of the four modes.
         SelectionError: ``layers`` matches nothing (the message names close paths).
-        UnsupportedLayerError: a selected BN variant overrides its own ``call``.
+        UnsupportedLayerError: a selected BN variant overrides its own ``call``, or a
+            selected layer refuses the change (its class cannot be subclassed, its
+            ``trainable`` setter raises).
         ArgumentTypeError: ``keep_dropout`` is not a bool.
 
     Examples:
@@ -181,7 +160,7 @@ def freeze(
             planned.append(_Step(node, None, False, kept_active=True))
         else:
             planned.append(_Step(node, None, False))
-    _plan_and_apply(model, nodes, planned)
+    _plan_and_apply(model, nodes, planned, "freeze")
     return model
 
 
@@ -207,7 +186,8 @@ def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = No
         ``model`` itself.
 
     Raises:
-        ModelError, ModeError, SelectionError: as [`freeze`][bnfreeze.freeze].
+        ModelError, ModeError, SelectionError, UnsupportedLayerError: as
+            [`freeze`][bnfreeze.freeze].
 
     Examples:
         >>> import keras, bnfreeze
@@ -227,7 +207,7 @@ def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = No
             planned.append(_Step(node, spec.name, spec.trains_affine))
         else:
             planned.append(_Step(node, None, True))
-    _plan_and_apply(model, nodes, planned)
+    _plan_and_apply(model, nodes, planned, "unfreeze")
     return model
 
 

@@ -2,8 +2,9 @@
 
 The questions every other module asks about one layer, answered in one place. Pinned
 layers (see ``_layers``) are instances of generated subclasses registered here with the
-class they were made from; their mode is kept on the instance. Nothing else reads or
-writes either.
+class they were made from; their mode is kept on the instance. A container that carries
+its parts' freeze through saving (see ``_apply``) is an instance of a generated subclass
+too, registered here as well but not pinned. Nothing else reads or writes either.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 from bnfreeze._compat import BN_BASE, Model, training_matters_only_for_float8
 from bnfreeze._errors import UnsupportedLayerError
 
-_ORIGINAL: dict[type, type] = {}  # generated pinned class -> the class it was made from
+_ORIGINAL: dict[type, type] = {}  # generated class -> the class it was made from
+_PINNING: set[type] = set()  # the generated classes that pin a layer
 _MODE_ATTR = "_bnfreeze_mode"
 _KEPT_ACTIVE_ATTR = "_bnfreeze_kept_active"
 
@@ -25,9 +27,12 @@ def is_batch_norm(layer: Any) -> bool:
     return isinstance(layer, BN_BASE)
 
 
-def register_pinned_class(generated: type, original: type) -> None:
-    """Record that ``generated`` is the pinned form of ``original`` (called by ``_layers``)."""
+def register_generated_class(generated: type, original: type, *, pins: bool) -> None:
+    """Record that ``generated`` was made from ``original`` by ``_layers``: the pinned form
+    of a layer (``pins=True``) or a container carrying its parts' freeze."""
     _ORIGINAL[generated] = original
+    if pins:
+        _PINNING.add(generated)
 
 
 def original_class(layer: Any) -> Any:
@@ -37,7 +42,25 @@ def original_class(layer: Any) -> Any:
 
 def is_pinned(layer: Any) -> bool:
     """True when ``layer`` was pinned by bnfreeze."""
-    return type(layer) in _ORIGINAL
+    return type(layer) in _PINNING
+
+
+def pin_state(layer: Any) -> tuple[type, Any, bool]:
+    """Everything bnfreeze may set on ``layer`` but its ``trainable`` flag: its class, its
+    pinned mode and its kept-active mark (for undoing a failed freeze)."""
+    return type(layer), layer.__dict__.get(_MODE_ATTR), is_kept_active(layer)
+
+
+def restore_pin_state(layer: Any, state: tuple[type, Any, bool]) -> None:
+    """Put back what :func:`pin_state` returned."""
+    cls, mode, kept = state
+    if type(layer) is not cls:
+        layer.__class__ = cls
+    if mode is None:
+        layer.__dict__.pop(_MODE_ATTR, None)
+    elif layer.__dict__.get(_MODE_ATTR) != mode:
+        set_pinned_mode(layer, mode)
+    mark_kept_active(layer, kept)
 
 
 def pinned_mode(layer: Any) -> str | None:

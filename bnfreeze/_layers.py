@@ -13,9 +13,11 @@ only its ``call`` now decides the learning phase itself:
 Nothing is written into the surrounding graph or the shared call context, so nothing
 leaks to later layers (KERAS_FACTS fact 6). Every generated class serialises under one
 registered name, ``"bnfreeze>Frozen"``, as ``{"layer": <the original layer's config>,
-"mode": ...}``; loading a saved model after ``import bnfreeze`` rebuilds the original
-layer and pins it again. ``unpin`` restores the original class, so the layer's
-``get_config()`` is again exactly what it was.
+"mode": ...}``, written from the layer as it is (never rebuilt through ``from_config``);
+loading a saved model after ``import bnfreeze`` rebuilds the original layer and pins it
+again, and so does ``keras.models.clone_model`` (through the generated class's
+``from_config``). ``unpin`` restores the original class, so the layer's ``get_config()``
+is again exactly what it was.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from bnfreeze._kinds import (
     is_pinned,
     original_class,
     pinned_mode,
-    register_pinned_class,
+    register_generated_class,
     set_pinned_mode,
 )
 from bnfreeze._modes import MODES, PINNED_INFERENCE, pinned_training, uses_batch_statistics
@@ -55,7 +57,7 @@ _GENERATED: dict[type, type] = {}
 
 def pin(layer: Any, mode: str) -> None:
     """Pin ``layer`` in ``mode`` in place (idempotent; switches the mode when pinned)."""
-    cls = _generated_class(original_class(layer))
+    cls = pinned_class(original_class(layer))
     if type(layer) is not cls:
         layer.__class__ = cls
     set_pinned_mode(layer, mode)
@@ -115,15 +117,48 @@ def _interceptor(layer: Any, original: Any, on_call: OnCall) -> Any:
 
 
 def _frozen_get_config(self: Any) -> dict[str, Any]:
-    base: Any = original_class(self)
-    fresh = base.from_config(base.get_config(self))
     return {
         "version": FORMAT_VERSION,
         "name": self.name,
         "trainable": self.trainable,
         "mode": _mode(self),
-        "layer": keras.layers.serialize(fresh),
+        "layer": serialize_as_original(self),
     }
+
+
+def serialize_as_original(obj: Any) -> dict[str, Any]:
+    """``obj`` (a layer or model of a generated class) serialised exactly as Keras
+    serialises it in its original class, without rebuilding it.
+
+    Rebuilding through ``from_config`` would run the constructor again (a ``Lambda``
+    refuses that in safe mode, a model may be expensive to build), so the original class
+    is put back on this very object for the duration of the call. The build and compile
+    entries are left out: Keras writes them once, around the bnfreeze entry. (Inside a
+    saving scope Keras then sees the object serialised twice and marks the outer entry
+    with a ``shared_object_id``: it is one object, and it loads as one.)
+    """
+    generated = type(obj)
+    obj.__class__ = original_class(obj)
+    try:
+        config = dict(keras.layers.serialize(obj))
+    finally:
+        obj.__class__ = generated
+    for key in ("build_config", "compile_config", "shared_object_id"):
+        config.pop(key, None)
+    return config
+
+
+def _frozen_from_config(cls: Any, config: dict[str, Any], custom_objects: Any = None) -> Any:
+    """``type(layer).from_config(layer.get_config())``, as ``clone_model`` calls it: the
+    original class rebuilds the layer from its own config (in the caller's safe-mode
+    scope, exactly as for an unpinned layer), then the layer is pinned."""
+    base = cls.__bases__[0]  # a generated class derives directly from its original
+    if not _is_saved_form(config):
+        return base.from_config(config)
+    check_saved_form(config)
+    with keras.saving.custom_object_scope(custom_objects or {}):
+        layer = base.from_config(config["layer"]["config"])
+    return _pinned_as_saved(layer, config)
 
 
 def _batch_statistics_call_keras3(self: Any, inputs: Any, mask: Any) -> Any:
@@ -215,12 +250,19 @@ def _inference_members(base: Any) -> dict[str, Any]:
     return {"call": call}
 
 
-def _generated_class(base: type) -> type:
+def pinned_class(base: type) -> type:
+    """The generated pinned subclass of ``base`` (made once, then cached).
+
+    Raises whatever Python raises when ``base`` cannot be subclassed (an
+    ``__init_subclass__`` that needs arguments, a final class): ``freeze`` calls it while
+    planning, before changing anything.
+    """
     cls = _GENERATED.get(base)
     if cls is not None:
         return cls
     members: dict[str, Any] = {
         "get_config": _frozen_get_config,
+        "from_config": classmethod(_frozen_from_config),
         "__module__": __name__,
         "__doc__": f"{base.__name__} pinned by bnfreeze (see bnfreeze.freeze).",
     }
@@ -228,44 +270,79 @@ def _generated_class(base: type) -> type:
         members.update(_bn_members(base))
     else:
         members.update(_inference_members(base))
-    # The generated class keeps its base's name: Keras names saved variables after the
-    # class of a layer held in a list (``model.layers``), so weight files of frozen and
-    # unfrozen models stay interchangeable. ``is_pinned`` and ``audit`` tell them apart.
-    members["__qualname__"] = base.__qualname__
-    cls = type(base.__name__, (base,), members)
+    cls = generated_subclass(base, members)
     register_serialized_name(cls, REGISTERED_NAME)
-    register_pinned_class(cls, base)
+    register_generated_class(cls, base, pins=True)
     _GENERATED[base] = cls
     return cls
 
 
-@keras.saving.register_keras_serializable(package="bnfreeze", name="Frozen")
-class Frozen:
-    """Loads layers saved while pinned by bnfreeze: rebuilds the original layer, pins it."""
+def generated_subclass(base: type, members: dict[str, Any]) -> type:
+    """A subclass of ``base`` with ``members``, of the same name as ``base``.
+
+    The name is kept because Keras names saved variables after the class of a layer held
+    in a list (``model.layers``): weight files of frozen and plain models stay
+    interchangeable. ``is_pinned`` and ``audit`` tell them apart.
+    """
+    return type(base.__name__, (base,), {**members, "__qualname__": base.__qualname__})
+
+
+def _is_saved_form(config: Any) -> bool:
+    return isinstance(config, dict) and "layer" in config and "mode" in config
+
+
+def check_saved_form(
+    config: dict[str, Any], noun: str = "layer", forms: str = "pinned layers"
+) -> None:
+    """Raise :class:`SavedFormatError` for a saved bnfreeze entry of another format version."""
+    version = config.get("version", 1)  # bnfreeze 0.1.0 wrote version 1 without the key
+    if version != FORMAT_VERSION:
+        raise SavedFormatError(
+            f"Cannot load {noun} {config.get('name')!r}: it was saved by a bnfreeze that "
+            f"writes {forms} in format version {version!r}, and this bnfreeze "
+            f"reads format version {FORMAT_VERSION}. Install the bnfreeze version that "
+            "saved the model (or a newer one) to load it."
+        )
+
+
+def _pinned_as_saved(layer: Any, config: dict[str, Any]) -> Any:
+    if not isinstance(layer, keras.layers.Layer):
+        raise SavedFormatError(
+            f"Cannot load layer {config.get('name')!r}: Keras rebuilt its saved config "
+            f"({config['layer'].get('class_name')!r}) as a {type(layer).__name__}, not as a "
+            "layer, so bnfreeze cannot pin it again."
+        )
+    check_saved_mode(layer, config["mode"])
+    pin(layer, config["mode"])
+    # Some layers' own config leaves `trainable` out (Keras 3 SpatialDropout, Pipeline).
+    if "trainable" in config and bool(layer.trainable) != bool(config["trainable"]):
+        layer.trainable = bool(config["trainable"])
+    return layer
+
+
+def check_saved_mode(layer: Any, mode: Any) -> None:
+    """Raise :class:`SavedFormatError` unless ``mode`` is one ``layer`` can be pinned in."""
+    if is_batch_norm(layer):
+        if mode not in MODES:
+            raise SavedFormatError(f"Unknown bn_mode {mode!r} in a saved bnfreeze layer config.")
+    elif mode != PINNED_INFERENCE:
+        raise SavedFormatError(f"Unknown pinned mode {mode!r} in a saved bnfreeze layer config.")
+
+
+class SavedFormLoader:
+    """Base of the classes registered for bnfreeze's saved forms: Keras calls their
+    ``from_config``, which returns the rebuilt object (they are never instantiated)."""
 
     def get_config(self) -> dict[str, Any]:  # pragma: no cover - never instantiated
         raise NotImplementedError
 
+
+@keras.saving.register_keras_serializable(package="bnfreeze", name="Frozen")
+class Frozen(SavedFormLoader):
+    """Loads layers saved while pinned by bnfreeze: rebuilds the original layer, pins it."""
+
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:
-        version = config.get("version", 1)  # bnfreeze 0.1.0 wrote version 1 without the key
-        if version != FORMAT_VERSION:
-            raise SavedFormatError(
-                f"Cannot load layer {config.get('name')!r}: it was saved by a bnfreeze that "
-                f"writes pinned layers in format version {version!r}, and this bnfreeze "
-                f"reads format version {FORMAT_VERSION}. Install the bnfreeze version that "
-                "saved the model (or a newer one) to load it."
-            )
+        check_saved_form(config)
         layer = keras.layers.deserialize(config["layer"], custom_objects=custom_objects)
-        mode = config["mode"]
-        if is_batch_norm(layer):
-            if mode not in MODES:
-                raise SavedFormatError(
-                    f"Unknown bn_mode {mode!r} in a saved bnfreeze layer config."
-                )
-        elif mode != PINNED_INFERENCE:
-            raise SavedFormatError(
-                f"Unknown pinned mode {mode!r} in a saved bnfreeze layer config."
-            )
-        pin(layer, mode)
-        return layer
+        return _pinned_as_saved(layer, config)
