@@ -147,13 +147,16 @@ def _grow(opt: Any, new: list[Any], build: Any) -> None:
         old = before.get(name)
         if name == OPTIMIZER_INDEX or value is old or name not in before:
             continue
-        if _per_variable(old, count) and _per_variable(value, len(new)):
-            set_optimizer_attribute(opt, name, [*old, *value])  # slots of the old variables, then the new
+        if isinstance(old, list) and len(old) == count and _per_variable(value, len(new)):
+            # Slots of the old variables, then of the new ones.
+            set_optimizer_attribute(opt, name, [*old, *value])
             kept.update(id(v) for v in value)
         elif isinstance(old, dict) and isinstance(value, dict):
-            set_optimizer_attribute(opt, name, {**old, **value})  # per-variable-key tables (keras 3.16)
+            # Tables keyed by variable (keras 3.16's weight-decay table).
+            set_optimizer_attribute(opt, name, {**old, **value})
         else:
-            set_optimizer_attribute(opt, name, old)  # state built once (Nadam's u_product): keep the old
+            # State built once (Nadam's u_product): the old one goes on.
+            set_optimizer_attribute(opt, name, old)
     for variable in list(opt.variables):
         if id(variable) not in known_before and id(variable) not in kept:
             untrack_optimizer_variable(opt, variable)
@@ -162,7 +165,7 @@ def _grow(opt: Any, new: list[Any], build: Any) -> None:
 
 
 def _per_variable(value: Any, count: int) -> bool:
-    return isinstance(value, list) and not isinstance(value, str) and len(value) == count
+    return isinstance(value, list) and len(value) == count
 
 
 def _start_averages(opt: Any, variables: Sequence[Any]) -> None:

@@ -262,10 +262,13 @@ class PreciseBN(_Callback):  # type: ignore[misc]
                 f"{type(data).__name__}, which can be read {'never' if data is None else 'once'}."
             )
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ArgumentError(f"Expected `every` to be a positive int. Received: every={every!r}.")
+            raise ArgumentError(
+                f"Expected `every` to be a positive int. Received: every={every!r}."
+            )
         if not (isinstance(upstream, str) and upstream in UPSTREAM_VALUES):
             raise ArgumentError(
-                f"Expected `upstream` to be one of {UPSTREAM_VALUES}. Received: upstream={upstream!r}."
+                f"Expected `upstream` to be one of {UPSTREAM_VALUES}. "
+                f"Received: upstream={upstream!r}."
             )
         self.data = data
         self.every = every

@@ -18,7 +18,7 @@ from bnfreeze.callbacks import Unfreeze
 from tests import helpers as h
 
 L = keras.layers
-O = keras.optimizers
+OPT = keras.optimizers
 X = h.data((6,), n=16, seed=0)
 Y = h.data((2,), n=16, seed=1)
 
@@ -37,25 +37,25 @@ class Snapshots(keras.callbacks.Callback):  # type: ignore[misc]
         self.epochs.append([h.to_numpy(v).copy() for v in self.model.weights])
 
 
-def three_dense(kernel_initializer: str = "glorot_uniform") -> Any:
-    """body -> bn -> head, the body and bn frozen (BN in inference mode)."""
+def three_dense(head_dtype: str | None = None) -> Any:
+    """body -> bn -> head, BN statistics away from the data's."""
     keras.utils.set_random_seed(7)
     model = keras.Sequential(
         [
             keras.Input((6,)),
             L.Dense(8, name="body"),
             L.BatchNormalization(name="bn"),
-            L.Dense(2, name="head", kernel_initializer=kernel_initializer),
+            L.Dense(2, name="head", dtype=head_dtype),
         ]
     )
     h.set_far_statistics(model, mean=0.5, var=2.0)
     return model
 
 
-def fit(model: Any, callbacks: list[Any], *, epochs: int = 3, batch_size: int = 8, **kw: Any) -> Any:
-    return model.fit(
-        X, Y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks, **kw
-    )
+def fit(model: Any, callbacks: list[Any], *, epochs: int = 3, **kw: Any) -> Any:
+    """``model.fit`` on the module's data (batches of 8 by default), in order, quietly."""
+    kw.setdefault("batch_size", 8)
+    return model.fit(X, Y, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks, **kw)
 
 
 def index(model: Any, variable: Any) -> int:
@@ -87,25 +87,25 @@ OPTIMIZERS = [
 
 
 def make_optimizer(name: str) -> Any:
-    if not hasattr(O, name):
+    if not hasattr(OPT, name):
         pytest.skip(f"{flavour_label()} has no keras.optimizers.{name}")
     kwargs: dict[str, Any] = {"learning_rate": 0.01}
     if name in ("AdamW", "Lion", "Lamb"):
         kwargs["weight_decay"] = 0.1  # decoupled weight decay must be scaled too
     if name == "SGD":
         kwargs["momentum"] = 0.9
-    return getattr(O, name)(**kwargs)
+    return getattr(OPT, name)(**kwargs)
 
 
 # --- the optimizer keeps its state ------------------------------------------------------
 
 
 def _sgd_momentum() -> Any:
-    return O.SGD(0.05, momentum=0.9)
+    return OPT.SGD(0.05, momentum=0.9)
 
 
 def _adam_schedule() -> Any:
-    return O.Adam(O.schedules.ExponentialDecay(0.01, decay_steps=2, decay_rate=0.5))
+    return OPT.Adam(OPT.schedules.ExponentialDecay(0.01, decay_steps=2, decay_rate=0.5))
 
 
 @pytest.mark.parametrize(
@@ -136,22 +136,10 @@ def test_new_variables_get_fresh_slots_and_old_ones_keep_theirs() -> None:
     runs = []
     for stage in ([], [Unfreeze(2, "body")]):
         model = bnfreeze.freeze(three_dense(), ["body", "bn"])
-        model.compile(optimizer=O.Adam(0.01), loss="mse")
-        slots: list[dict[str, np.ndarray]] = []
-
-        class Slots(keras.callbacks.Callback):  # type: ignore[misc]
-            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                opt = self.model.optimizer
-                found = {}
-                for layer in ("body", "head"):
-                    kernel = self.model.get_layer(layer).kernel
-                    if opt._var_key(kernel) in _index(opt):
-                        i = _index(opt)[opt._var_key(kernel)]
-                        found[layer] = h.to_numpy(opt._momentums[i]).copy()
-                slots.append(found)
-
-        fit(model, [*stage, Slots()], epochs=4)
-        runs.append(slots)
+        model.compile(optimizer=OPT.Adam(0.01), loss="mse")
+        slots = AdamMomentums(["body", "head"])
+        fit(model, [*stage, slots], epochs=4)
+        runs.append(slots.epochs)
     plain, staged = runs
     for epoch in range(2):
         assert not np.any(staged[epoch]["body"])  # fresh, untouched
@@ -161,29 +149,52 @@ def test_new_variables_get_fresh_slots_and_old_ones_keep_theirs() -> None:
     assert "body" not in plain[3]
 
 
-def _index(optimizer: Any) -> dict[Any, int]:
-    from bnfreeze._compat import OPTIMIZER_INDEX
+class AdamMomentums(keras.callbacks.Callback):  # type: ignore[misc]
+    """Adam's first moment of each named layer's kernel that the optimizer knows, at
+    every epoch end."""
 
-    return dict(getattr(optimizer, OPTIMIZER_INDEX))
+    def __init__(self, layers: list[str]) -> None:
+        super().__init__()
+        self.layers = layers
+        self.epochs: list[dict[str, np.ndarray]] = []
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        from bnfreeze._compat import OPTIMIZER_INDEX
+
+        opt = self.model.optimizer
+        known = getattr(opt, OPTIMIZER_INDEX)
+        found = {}
+        for name in self.layers:
+            key = opt._var_key(self.model.get_layer(name).kernel)
+            if key in known:
+                found[name] = h.to_numpy(opt._momentums[known[key]]).copy()
+        self.epochs.append(found)
 
 
 def test_same_step_as_a_second_compile() -> None:
     """With plain SGD, the epoch after Unfreeze is bitwise the epoch a user gets by
     unfreezing between two fit calls and compiling again."""
     staged = bnfreeze.freeze(three_dense(), ["body", "bn"])
-    staged.compile(optimizer=O.SGD(0.05), loss="mse")
+    staged.compile(optimizer=OPT.SGD(0.05), loss="mse")
     fit(staged, [Unfreeze(1, ["body", "bn"])], epochs=2)
 
     twice = bnfreeze.freeze(three_dense(), ["body", "bn"])
-    twice.compile(optimizer=O.SGD(0.05), loss="mse")
+    twice.compile(optimizer=OPT.SGD(0.05), loss="mse")
     fit(twice, [], epochs=1)
     bnfreeze.unfreeze(twice, ["body", "bn"], bn_mode="inference")
-    twice.compile(optimizer=O.SGD(0.05), loss="mse")
+    twice.compile(optimizer=OPT.SGD(0.05), loss="mse")
     fit(twice, [], epochs=1)
     assert_same(list(h.snapshot(staged).values()), list(h.snapshot(twice).values()))
 
 
 # --- every optimizer -------------------------------------------------------------------
+
+#: tf-keras's Nadam advances its shared ``u_product`` once per *variable* updated in a
+#: traced step (a Python counter changed while tracing decides it), so its trajectory
+#: depends on how many variables train and on retracing: not an exact reference.
+TF_KERAS_NADAM = pytest.mark.xfail(
+    strict=True, reason="tf-keras Nadam's u_product is advanced per variable while tracing"
+)
 
 ZERO_PAUSE_EXCEPTIONS = {
     "Ftrl": "refused: Ftrl divides by its learning rate (test_ftrl_refuses_a_zero_multiplier)",
@@ -191,17 +202,14 @@ ZERO_PAUSE_EXCEPTIONS = {
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_zero_multiplier_pauses_every_optimizer(name: str) -> None:
+def test_zero_multiplier_pauses_every_optimizer(name: str, request: Any) -> None:
     """lr_multiplier=0: the unfrozen variables do not move (weight decay included) and
     the rest follows the run without unfreezing (whose optimizer is built before fit, as
     Unfreeze builds it: see the module docstring of bnfreeze._optim)."""
     if name in ZERO_PAUSE_EXCEPTIONS:
         pytest.skip(ZERO_PAUSE_EXCEPTIONS[name])
     if name == "Nadam" and IS_TF_KERAS:
-        pytest.xfail(
-            "tf-keras Nadam counts its u_product updates in a Python int changed while "
-            "tracing, so rebuilding the train function changes its trajectory"
-        )
+        request.applymarker(TF_KERAS_NADAM)
     runs = []
     for stage in ([], [Unfreeze(1, "body", lr_multiplier=0.0)]):
         model = bnfreeze.freeze(three_dense(), ["body", "bn"])
@@ -212,7 +220,8 @@ def test_zero_multiplier_pauses_every_optimizer(name: str) -> None:
         runs.append(model)
     plain, staged = runs
     body = [index(staged, v) for v in staged.get_layer("body").weights]
-    for i, (a, b) in enumerate(zip(h.snapshot(plain).values(), h.snapshot(staged).values())):
+    pairs = zip(h.snapshot(plain).values(), h.snapshot(staged).values(), strict=True)
+    for i, (a, b) in enumerate(pairs):
         if i in body and name == "ScheduleFreeAdamW":
             # y = (1 - b1) z + b1 x, recomputed every step from unchanged z and x, rounds.
             np.testing.assert_allclose(b, a, rtol=0, atol=4e-7)
@@ -257,6 +266,8 @@ def test_multiplier_scales_the_first_update(name: str, request: Any) -> None:
     scaled, not the gradient (for Adam a scaled gradient gives nearly the same update)."""
     if name in REWRITTEN:
         request.getfixturevalue("no_arithmetic_rewrite")
+    if name == "Nadam" and IS_TF_KERAS:
+        request.applymarker(TF_KERAS_NADAM)
     model = bnfreeze.freeze(twin_heads(), ["head_a", "head_b"])
     model.compile(optimizer=make_optimizer(name), loss="mse")
     y = np.concatenate([Y, Y], axis=1)
@@ -282,7 +293,7 @@ def test_callable_multiplier_gets_the_epochs_since_unfreezing() -> None:
     runs = []
     for stage in (Unfreeze(1, "body", lr_multiplier=ramp), Unfreeze(2, "body", lr_multiplier=0.5)):
         model = bnfreeze.freeze(three_dense(), ["body", "bn"])
-        model.compile(optimizer=O.SGD(0.05), loss="mse")
+        model.compile(optimizer=OPT.SGD(0.05), loss="mse")
         fit(model, [stage], epochs=4)
         runs.append(h.snapshot(model))
     assert calls == [0, 1, 2]
@@ -309,7 +320,7 @@ def test_stages_move_exactly_from_their_epoch() -> None:
     statistics from then on (gamma/beta stay), one in 'inference' never changes, one
     restored (bn_mode=None) trains gamma/beta and updates its statistics."""
     model = bnfreeze.freeze(stacked(), ["d*", "bn*"])
-    model.compile(optimizer=O.Adam(0.01), loss="mse")
+    model.compile(optimizer=OPT.Adam(0.01), loss="mse")
     snaps = Snapshots()
     stages = [
         Unfreeze(1, ["d3", "bn3"], bn_mode="adapt"),
@@ -328,9 +339,7 @@ def test_stages_move_exactly_from_their_epoch() -> None:
 
     def moved_in(layer: Any, attribute: str) -> list[bool]:
         i = index(model, getattr(layer, attribute))
-        return [
-            not np.array_equal(snaps.epochs[e + 1][i], snaps.epochs[e][i]) for e in range(5)
-        ]
+        return [not np.array_equal(snaps.epochs[e + 1][i], snaps.epochs[e][i]) for e in range(5)]
 
     bn3, bn2, bn1 = (model.get_layer(f"bn{i}") for i in (3, 2, 1))
     assert moved_in(bn3, "moving_mean") == [False, True, True, True, True]
@@ -347,7 +356,7 @@ def test_initial_epoch_applies_earlier_stages_at_the_start() -> None:
     its callable multiplier sees 1 epoch since unfreezing."""
     calls: list[int] = []
     model = bnfreeze.freeze(three_dense(), ["body", "bn"])
-    model.compile(optimizer=O.SGD(0.05), loss="mse")
+    model.compile(optimizer=OPT.SGD(0.05), loss="mse")
     body = h.to_numpy(model.get_layer("body").kernel).copy()
     stage = Unfreeze(1, "body", lr_multiplier=lambda n: calls.append(n) or 1.0)
     fit(model, [stage], epochs=3, initial_epoch=2)
@@ -377,7 +386,7 @@ def test_backup_and_restore_resumes_to_the_same_weights(tmp_path: Any, interrupt
     def run(extra: list[Any], backup: Any) -> Any:
         keras.backend.clear_session()
         model = bnfreeze.freeze(stacked(), ["d*", "bn*"])
-        model.compile(optimizer=O.Adam(0.01), loss="mse")
+        model.compile(optimizer=OPT.Adam(0.01), loss="mse")
         stages = [
             Unfreeze(1, ["d3", "bn3"], bn_mode="adapt", lr_multiplier=lambda n: 0.5 * (n + 1)),
             Unfreeze(2, ["d2", "bn2"], lr_multiplier=0.25),
@@ -439,7 +448,7 @@ def test_bad_arguments(kwargs: dict[str, Any], error: type, message: str) -> Non
 def test_selection_matching_nothing_fails_before_training() -> None:
     """A selector that matches nothing raises when fit starts, before any step."""
     model = bnfreeze.freeze(three_dense(), ["body", "bn"])
-    model.compile(optimizer=O.Adam(0.01), loss="mse")
+    model.compile(optimizer=OPT.Adam(0.01), loss="mse")
     before = h.snapshot(model)
     with pytest.raises(bnfreeze.SelectionError) as info:
         fit(model, [Unfreeze(1, "bodyy")])
@@ -455,7 +464,7 @@ def test_selection_matching_nothing_fails_before_training() -> None:
 def test_callable_multiplier_returning_a_bad_value() -> None:
     """A callable multiplier's bad value is named with the epochs since unfreezing."""
     model = bnfreeze.freeze(three_dense(), ["body", "bn"])
-    model.compile(optimizer=O.SGD(0.05), loss="mse")
+    model.compile(optimizer=OPT.SGD(0.05), loss="mse")
     with pytest.raises(bnfreeze.ArgumentError) as info:
         fit(model, [Unfreeze(0, "body", lr_multiplier=lambda n: float("nan"))])
     assert str(info.value) == (
@@ -468,7 +477,7 @@ def test_ftrl_refuses_a_zero_multiplier() -> None:
     """Ftrl divides by its learning rate (a zero rate turns weights into NaN): a zero
     multiplier is refused when fit starts."""
     model = bnfreeze.freeze(three_dense(), ["body", "bn"])
-    model.compile(optimizer=O.Ftrl(0.01), loss="mse")
+    model.compile(optimizer=OPT.Ftrl(0.01), loss="mse")
     with pytest.raises(bnfreeze.ArgumentError) as info:
         fit(model, [Unfreeze(1, "body", lr_multiplier=0.0)])
     assert str(info.value) == (
@@ -477,12 +486,12 @@ def test_ftrl_refuses_a_zero_multiplier() -> None:
     )
 
 
-@pytest.mark.skipif(not hasattr(O, "MultiOptimizer"), reason="no MultiOptimizer")
+@pytest.mark.skipif(not hasattr(OPT, "MultiOptimizer"), reason="no MultiOptimizer")
 def test_multi_optimizer_is_refused() -> None:
     """A MultiOptimizer is refused when fit starts, with the reason."""
     model = bnfreeze.freeze(three_dense(), ["body", "bn"])
     model.compile(
-        optimizer=O.MultiOptimizer(O.OptimizerMap(O.SGD(0.1), {"head/.*": O.Adam(0.1)})),
+        optimizer=OPT.MultiOptimizer(OPT.OptimizerMap(OPT.SGD(0.1), {"head/.*": OPT.Adam(0.1)})),
         loss="mse",
     )
     with pytest.raises(bnfreeze.ModelError) as info:
