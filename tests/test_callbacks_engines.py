@@ -49,7 +49,7 @@ def build(engine: str) -> tuple[Any, Any]:
             model = three_dense(head_dtype="float32")  # mixed precision: a float32 output
             assert model.get_layer("body").compute_dtype == "float16"
             # A loss scale of 1: no overflowing first step is skipped (KERAS_FACTS fact 9).
-            optimizer = OPT.LossScaleOptimizer(OPT.Adam(0.01), initial_scale=1.0)
+            optimizer = keras.mixed_precision.LossScaleOptimizer(OPT.Adam(0.01), initial_scale=1.0)
         else:
             model = three_dense()
             optimizer = OPT.Adam(0.01)
@@ -83,7 +83,7 @@ def test_zero_multiplier_follows_the_frozen_trajectory(engine: str) -> None:
     for a, b in zip(runs[0].epochs, runs[1].epochs, strict=True):
         assert_same(a, b)
     if engine == "mixed_float16":
-        assert isinstance(model.optimizer, OPT.LossScaleOptimizer)
+        assert isinstance(model.optimizer, keras.mixed_precision.LossScaleOptimizer)
 
 
 def test_unfrozen_part_moves_from_its_epoch(engine: str) -> None:
