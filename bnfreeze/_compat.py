@@ -61,6 +61,7 @@ __all__ = [
     "is_foreign_keras_object",
     "keras",
     "learning_phase_default",
+    "learning_rate_attribute",
     "recorded_training",
     "register_serialized_name",
     "remove_recorded_training",
@@ -525,6 +526,17 @@ OPTIMIZER_BUILT: str = "_built" if IS_TF_KERAS else "built"
 #: The attribute holding a built optimizer's ``{variable key: index}`` table (the index
 #: into its per-variable slot lists).
 OPTIMIZER_INDEX: str = "_index_dict" if IS_TF_KERAS else "_trainable_variables_indices"
+
+
+def learning_rate_attribute(optimizer: Any) -> str:
+    """The attribute ``optimizer.learning_rate`` returns when it holds no schedule or
+    callable: ``_learning_rate``; tf-keras keeps a schedule there and returns its value
+    of the step from ``_current_learning_rate``."""
+    if IS_TF_KERAS:
+        schedule = keras.optimizers.schedules.LearningRateSchedule
+        if isinstance(vars(optimizer).get("_learning_rate"), schedule):
+            return "_current_learning_rate"
+    return "_learning_rate"
 
 
 def set_optimizer_attribute(optimizer: Any, name: str, value: Any) -> None:

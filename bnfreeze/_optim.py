@@ -10,9 +10,10 @@ What ``callbacks.Unfreeze`` needs from an optimizer that ``fit`` has already bui
   have laid them out per variable. A scalar state that ``build`` creates once
   (``Nadam``'s ``u_product``) keeps its current value.
 * :func:`scale_learning_rate` makes the optimizer use ``learning_rate * scale`` for the
-  given variables: in ``update_step`` (Keras 3 passes the learning rate in; tf-keras
-  reads ``self.learning_rate``, read here as the scaled value while that one variable is
-  updated) and in decoupled weight decay (``AdamW``'s ``lr * wd * w``). The learning
+  given variables: in ``update_step`` (Keras 3 passes the learning rate in, scaled here;
+  tf-keras reads ``self.learning_rate``, which reads the scaled value while that one
+  variable is updated) and in decoupled weight decay (``AdamW``'s ``lr * wd * w``, which
+  reads ``self.learning_rate`` in both flavours). The learning
   rate is scaled, never the gradient (for Adam they differ). Variables without a scale
   run through the optimizer's own code, unchanged.
 
@@ -34,6 +35,7 @@ from bnfreeze._compat import (
     OPTIMIZER_INDEX,
     forget_optimizer_children,
     keras,
+    learning_rate_attribute,
     set_optimizer_attribute,
     untrack_optimizer_variable,
 )
@@ -208,10 +210,10 @@ def _scales(opt: Any) -> dict[Any, Any]:
         scale = table.get(opt._var_key(variable))
         if scale is None:
             return update_step(gradient, variable, *args)
-        if args:  # Keras 3 passes the learning rate; tf-keras reads self.learning_rate
-            args = (_times(args[0], scale), *args[1:])
-        with _reading_scaled_learning_rate(opt, scale):
-            return update_step(gradient, variable, *args)
+        if args:  # Keras 3 passes the learning rate in
+            return update_step(gradient, variable, _times(args[0], scale), *args[1:])
+        with _reading_scaled_learning_rate(opt, scale):  # tf-keras reads self.learning_rate
+            return update_step(gradient, variable)
 
     def scaled_weight_decay(variables: Sequence[Any]) -> Any:
         groups: dict[int, tuple[Any, list[Any]]] = {}
@@ -245,14 +247,15 @@ def _times(learning_rate: Any, scale: Any) -> Any:
 def _reading_scaled_learning_rate(opt: Any, scale: Any) -> Iterator[None]:
     """Inside the block (a trace), ``opt.learning_rate`` reads ``learning_rate * scale``.
 
-    Both flavours' ``learning_rate`` property returns ``_learning_rate`` itself when it
-    is neither a schedule nor a callable, so a tensor put there for the block is what
-    the optimizer's own code reads.
+    The attribute the flavour's ``learning_rate`` property returns holds, for the block,
+    a tensor of the scaled value (a schedule object itself stays where it is, so code
+    asking whether the learning rate is a schedule or callable gets the same answer).
     """
+    name = learning_rate_attribute(opt)
     scaled = _times(opt.learning_rate, scale)
-    saved = vars(opt)["_learning_rate"]
-    object.__setattr__(opt, "_learning_rate", scaled)
+    saved = vars(opt)[name]
+    object.__setattr__(opt, name, scaled)
     try:
         yield
     finally:
-        object.__setattr__(opt, "_learning_rate", saved)
+        object.__setattr__(opt, name, saved)

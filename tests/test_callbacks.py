@@ -281,6 +281,24 @@ def test_multiplier_scales_the_first_update(name: str, request: Any) -> None:
         np.testing.assert_array_equal(b, 0.25 * a)
 
 
+def test_multiplier_scales_a_scheduled_learning_rate() -> None:
+    """With a learning-rate schedule (its position kept: the second fit starts at step 1),
+    head_b's first update is exactly 0.25 times head_a's."""
+    model = bnfreeze.freeze(twin_heads(), ["head_a", "head_b"])
+    schedule = OPT.schedules.ExponentialDecay(0.01, decay_steps=1, decay_rate=0.5)
+    model.compile(optimizer=OPT.Adam(schedule), loss="mse")
+    y = np.concatenate([Y, Y], axis=1)
+    model.fit(X, y, batch_size=16, epochs=1, verbose=0)
+    stages = [Unfreeze(1, "head_a"), Unfreeze(1, "head_b", lr_multiplier=0.25)]
+    model.fit(X, y, batch_size=16, epochs=2, initial_epoch=1, verbose=0, callbacks=stages)
+    full = [h.to_numpy(v) for v in model.get_layer("head_a").weights]
+    quarter = [h.to_numpy(v) for v in model.get_layer("head_b").weights]
+    assert int(h.to_numpy(model.optimizer.iterations)) == 2
+    assert any(np.abs(w).max() > 0 for w in full)
+    for a, b in zip(full, quarter, strict=True):
+        np.testing.assert_array_equal(b, 0.25 * a)
+
+
 def test_callable_multiplier_gets_the_epochs_since_unfreezing() -> None:
     """A callable multiplier is called with 0, 1, 2, ... from the epoch named, and its
     value is used that epoch: 0 then 0.5 is bitwise Unfreeze one epoch later at 0.5."""
