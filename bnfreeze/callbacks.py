@@ -233,13 +233,13 @@ class PreciseBN(_Callback):  # type: ignore[misc]
 
     Example:
         >>> import keras, numpy as np, bnfreeze
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="dense"),
-        ...     keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1)])
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
+        ...     keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="out")])
         >>> model.compile(optimizer="sgd", loss="mse")
-        >>> x, y = np.random.default_rng(0).normal(size=(64, 4)).astype("float32"), np.ones((64, 1))
-        >>> history = model.fit(x, y, epochs=2, callbacks=[bnfreeze.callbacks.PreciseBN(x)],
-        ...                     verbose=0)
-        >>> h = model.get_layer("dense")(x).numpy()
+        >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+        >>> precise = bnfreeze.callbacks.PreciseBN(x)
+        >>> history = model.fit(x, np.ones((64, 1)), epochs=2, callbacks=[precise], verbose=0)
+        >>> h = model.get_layer("hidden")(x).numpy()
         >>> bool(np.allclose(model.get_layer("bn").moving_mean.numpy(), h.mean(0), atol=1e-5))
         True
     """
