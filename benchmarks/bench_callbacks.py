@@ -14,8 +14,9 @@ block unfrozen with ``bnfreeze.unfreeze(..., bn_mode="inference")`` *before*
 ``compile``: the two-stage recipe's second compile. Both train exactly the same variables
 (checked). Then one ``train_on_batch`` step of each is timed, repetitions interleaved
 A, B, B, A, ... in one process (a noisy shared machine slows both alike): the ratio of
-the medians, the median of the pair ratios and the ratio of the minimums. Target: <= 1.02. ``m = 1`` adds no operation to the step; ``m = 0.1`` adds one
-multiplication of the learning rate per newly trained variable.
+the medians, the median of the pair ratios and the ratio of the minimums. Target: <= 1.02.
+``m = 1`` adds no operation to the step; ``m = 0.1`` adds one multiplication of the
+learning rate per newly trained variable.
 
 As a check independent of the clock, both sides' full train step (forward, gradient and
 optimizer update) is traced with ``tf.function`` and the operations compared.
