@@ -45,21 +45,17 @@ _Callback: Any = keras.callbacks.Callback
 class Unfreeze(_Callback):  # type: ignore[misc]
     """Unfreeze ``layers`` at the start of epoch ``epoch``, inside the running ``fit``.
 
-    At the start of epoch ``epoch`` (0-based, as Keras numbers callback epochs; with
-    ``initial_epoch`` past it, at the start of ``fit``) this runs
-    [`unfreeze(model, layers, bn_mode=bn_mode)`][bnfreeze.unfreeze] and rebuilds the
-    train function: no recompile. The optimizer keeps ``iterations``, its learning-rate
-    schedule's position and every slot it has; the variables that start training got
-    fresh slots when ``fit`` began (so ``BackupAndRestore`` resumes exactly). Their
-    learning rate (not their gradient) is multiplied by ``lr_multiplier``. Several
-    ``Unfreeze`` callbacks in one ``fit`` unfreeze in stages. How it works and what it
-    costs: [Fine-tuning in one fit](fine-tuning-in-one-fit.md).
+    At the start of epoch ``epoch`` (0-based; past it with ``initial_epoch``, at the start
+    of ``fit``) this runs [`unfreeze(model, layers, bn_mode=bn_mode)`][bnfreeze.unfreeze]
+    and rebuilds the train function: no recompile. The optimizer keeps ``iterations``,
+    its schedule's position and every slot; the variables that start training got fresh
+    slots when ``fit`` began, and their learning rate (not their gradient) is multiplied
+    by ``lr_multiplier``. Several ``Unfreeze`` in one ``fit`` unfreeze in stages. Details,
+    costs and the optimizers it supports: [Fine-tuning in one fit](fine-tuning-in-one-fit.md).
 
     Note:
         It changes the model (as ``unfreeze``) and its optimizer in place; the scaled
-        learning rates stay with the optimizer after ``fit``. Optimizers: every
-        ``keras.optimizers.Optimizer``, also inside a ``LossScaleOptimizer``; not
-        ``MultiOptimizer`` nor tf-keras's legacy optimizers.
+        learning rates stay with the optimizer after ``fit``.
 
     Args:
         epoch: The 0-based epoch at whose start the layers are unfrozen.
@@ -305,6 +301,8 @@ class PreciseBN(_Callback):  # type: ignore[misc]
 
     def on_train_end(self, logs: Any = None) -> None:
         self._in_fit = False
+        if self._epoch is None:  # no epoch ran
+            return
         averaged = any(getattr(opt, "use_ema", False) for opt in _optimizers(self.model))
         if self._done_at is None or self._done_at != _iterations(self.model) or averaged:
             self._recalibrate(self._epoch)

@@ -395,16 +395,25 @@ class Interrupt(keras.callbacks.Callback):  # type: ignore[misc]
             raise RuntimeError("interrupted")
 
 
-@pytest.mark.parametrize("interrupt_at", [2, 3], ids=["between_stages", "after_stages"])
-def test_backup_and_restore_resumes_to_the_same_weights(tmp_path: Any, interrupt_at: int) -> None:
+@pytest.mark.parametrize(
+    ("interrupt_at", "built_before"),
+    [(2, False), (3, False), (2, True)],
+    ids=["between_stages", "after_stages", "optimizer_built_before"],
+)
+def test_backup_and_restore_resumes_to_the_same_weights(
+    tmp_path: Any, interrupt_at: int, built_before: bool
+) -> None:
     """A fit interrupted after a stage and resumed by BackupAndRestore in a fresh model
     ends with bitwise the weights of the uninterrupted fit (optimizer slots of the
-    unfrozen variables restored, stages re-applied before the resumed epoch)."""
+    unfrozen variables restored, stages re-applied before the resumed epoch); also when
+    an earlier fit had built the optimizer, so that Unfreeze grows it."""
 
     def run(extra: list[Any], backup: Any) -> Any:
         keras.backend.clear_session()
         model = bnfreeze.freeze(stacked(), ["d*", "bn*"])
         model.compile(optimizer=OPT.Adam(0.01), loss="mse")
+        if built_before:
+            fit(model, [], epochs=1)
         stages = [
             Unfreeze(1, ["d3", "bn3"], bn_mode="adapt", lr_multiplier=lambda n: 0.5 * (n + 1)),
             Unfreeze(2, ["d2", "bn2"], lr_multiplier=0.25),
