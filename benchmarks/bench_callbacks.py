@@ -40,6 +40,11 @@ import bnfreeze
 from bnfreeze._compat import flavour_label, keras
 
 BLOCK = "resnet50/conv5_*"
+SIZES = [
+    ("size", 224, "image size"),
+    ("batch", 8, "batch size"),
+    ("reps", 15, "repetitions per side"),
+]
 
 
 def compile_adam(model: Any) -> Any:
@@ -145,15 +150,13 @@ def render(results: dict[str, Any]) -> str:
             f"epochs, two traces) took {r['fit_with_unfreeze_s']:.1f} s",
             "",
         ]
-    lines.append(f"total {results['seconds']:.0f} s")
-    return "\n".join(lines)
+    return "\n".join([*lines, f"total {results['seconds']:.0f} s"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--size", type=int, default=224, help="image size (default 224)")
-    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    parser.add_argument("--reps", type=int, default=15, help="repetitions per side (default 15)")
+    for name, default, what in SIZES:
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"{what} ({default})")
     parser.add_argument(
         "--multiplier",
         type=float,
@@ -163,12 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    results: dict[str, Any] = {
-        "flavour": flavour_label(),
-        "size": args.size,
-        "batch": args.batch,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-    }
+    command = " ".join([os.path.basename(sys.executable), *sys.argv])
+    results: dict[str, Any] = {"flavour": flavour_label(), "command": command}
+    results.update(size=args.size, batch=args.batch)
     results.update(bench(args.size, args.batch, args.reps, args.multiplier or [1.0, 0.1]))
     results["seconds"] = time.perf_counter() - start
     print(json.dumps(results, indent=2) if args.json else render(results))

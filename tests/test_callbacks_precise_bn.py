@@ -49,6 +49,13 @@ def assert_population(mean: np.ndarray, var: np.ndarray, kernel: Any, bias: Any)
     np.testing.assert_allclose(var, ref_var, rtol=2e-5)
 
 
+def assert_model_population(model: Any) -> None:
+    """The model's BN statistics now are the population statistics of its input now."""
+    bn, dense = model.get_layer("bn"), model.get_layer("dense")
+    values = [bn.moving_mean, bn.moving_variance, dense.kernel, dense.bias]
+    assert_population(*(h.to_numpy(v) for v in values))
+
+
 class Record(keras.callbacks.Callback):  # type: ignore[misc]
     """Weights and logs at every epoch end (placed after PreciseBN)."""
 
@@ -85,13 +92,7 @@ def test_population_statistics_and_last_val_loss() -> None:
         callbacks=[PreciseBN(X_CAL, batch_size=16)],
         verbose=0,
     )
-    bn, dense = model.get_layer("bn"), model.get_layer("dense")
-    assert_population(
-        h.to_numpy(bn.moving_mean),
-        h.to_numpy(bn.moving_variance),
-        h.to_numpy(dense.kernel),
-        h.to_numpy(dense.bias),
-    )
+    assert_model_population(model)
     val_loss = model.evaluate(X_VAL, Y_VAL, batch_size=8, verbose=0)
     assert history.history["val_loss"][-1] == val_loss
 
@@ -145,13 +146,7 @@ def test_recalibrates_at_the_end_after_later_training() -> None:
     last = stats(record.weights[-1], model)
     ref_mean, _ = population(last["kernel"], last["bias"])
     assert not np.allclose(last["mean"], ref_mean, rtol=0, atol=2e-5)  # fit's average
-    bn, dense = model.get_layer("bn"), model.get_layer("dense")
-    assert_population(
-        h.to_numpy(bn.moving_mean),
-        h.to_numpy(bn.moving_variance),
-        h.to_numpy(dense.kernel),
-        h.to_numpy(dense.bias),
-    )
+    assert_model_population(model)
 
 
 def test_evaluate_outside_fit_changes_nothing() -> None:
@@ -171,14 +166,8 @@ def test_with_unfreeze_stages() -> None:
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     stage = bnfreeze.callbacks.Unfreeze(1, ["dense", "bn"], bn_mode=None)
     model.fit(X, Y, batch_size=8, epochs=2, callbacks=[stage, PreciseBN(X_CAL)], verbose=0)
-    bn, dense = model.get_layer("bn"), model.get_layer("dense")
-    assert dense.trainable and bn.trainable
-    assert_population(
-        h.to_numpy(bn.moving_mean),
-        h.to_numpy(bn.moving_variance),
-        h.to_numpy(dense.kernel),
-        h.to_numpy(dense.bias),
-    )
+    assert model.get_layer("dense").trainable and model.get_layer("bn").trainable
+    assert_model_population(model)
 
 
 def _generator() -> Any:
