@@ -83,10 +83,13 @@ OPTIMIZERS = [
     "Lamb",
     "Muon",
     "ScheduleFreeAdamW",
+    "LossScaleOptimizer",
 ]
 
 
 def make_optimizer(name: str) -> Any:
+    if name == "LossScaleOptimizer":  # around Adam; a scale of 1 skips no first step
+        return keras.mixed_precision.LossScaleOptimizer(OPT.Adam(0.01), initial_scale=1.0)
     if not hasattr(OPT, name):
         pytest.skip(f"{flavour_label()} has no keras.optimizers.{name}")
     kwargs: dict[str, Any] = {"learning_rate": 0.01}
