@@ -70,7 +70,7 @@ class Unfreeze(_Callback):  # type: ignore[misc]
         SelectionError, ModelError: ``layers`` matches nothing, or the optimizer cannot
             be extended (when ``fit`` starts, before any step).
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnfreeze
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="base"),
         ...     keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="head")])
@@ -227,7 +227,7 @@ class PreciseBN(_Callback):  # type: ignore[misc]
         ArgumentError, ArgumentTypeError: a bad argument (at construction).
         SelectionError: ``layers`` selects no BN layer (when ``fit`` starts).
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnfreeze
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
         ...     keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="out")])
