@@ -115,8 +115,8 @@ def _adam_schedule() -> Any:
     "optimizer", [_sgd_momentum, _adam_schedule], ids=["sgd_momentum", "adam_schedule"]
 )
 def test_zero_multiplier_follows_the_frozen_trajectory(optimizer: Callable[[], Any]) -> None:
-    """lr_multiplier=0 with BN in inference mode: every weight, at every epoch end, is
-    bitwise what the same fit without any unfreezing gives (no state was reset)."""
+    """lr_multiplier=0, BN in inference: every weight at every epoch end is the frozen run's."""
+    # Bitwise: any reset of optimizer state (slots, iterations, schedule position) would show.
     runs = []
     for stage in ([], [Unfreeze(1, ["body", "bn"], lr_multiplier=0.0)]):
         model = bnfreeze.freeze(three_dense(), ["body", "bn"])
@@ -134,8 +134,7 @@ def test_zero_multiplier_follows_the_frozen_trajectory(optimizer: Callable[[], A
 
 
 def test_new_variables_get_fresh_slots_and_old_ones_keep_theirs() -> None:
-    """Adam's moments of the body are zero until its epoch and move from then on; the
-    head's moments are the frozen run's (their slots were never rebuilt)."""
+    """Adam moments: the body's are 0 until its epoch; the head's are the frozen run's."""
     runs = []
     for stage in ([], [Unfreeze(2, "body")]):
         model = bnfreeze.freeze(three_dense(), ["body", "bn"])
@@ -175,8 +174,7 @@ class AdamMomentums(keras.callbacks.Callback):  # type: ignore[misc]
 
 
 def test_same_step_as_a_second_compile() -> None:
-    """With plain SGD, the epoch after Unfreeze is bitwise the epoch a user gets by
-    unfreezing between two fit calls and compiling again."""
+    """Plain SGD: the epoch after Unfreeze is bitwise the epoch after a second compile."""
     staged = bnfreeze.freeze(three_dense(), ["body", "bn"])
     staged.compile(optimizer=OPT.SGD(0.05), loss="mse")
     fit(staged, [Unfreeze(1, ["body", "bn"])], epochs=2)
@@ -206,9 +204,9 @@ ZERO_PAUSE_EXCEPTIONS = {
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_zero_multiplier_pauses_every_optimizer(name: str, request: Any) -> None:
-    """lr_multiplier=0: the unfrozen variables do not move (weight decay included) and
-    the rest follows the run without unfreezing (whose optimizer is built before fit, as
-    Unfreeze builds it: see the module docstring of bnfreeze._optim)."""
+    """Every optimizer at lr_multiplier=0: the unfrozen part stays, the rest trains as frozen."""
+    # Weight decay included (AdamW, Lion, Lamb). The reference builds its optimizer before fit,
+    # as Unfreeze does (Keras builds it inside the first traced step: see the guide's limits).
     if name in ZERO_PAUSE_EXCEPTIONS:
         pytest.skip(ZERO_PAUSE_EXCEPTIONS[name])
     if name == "Nadam" and IS_TF_KERAS:
@@ -262,11 +260,11 @@ def twin_heads() -> Any:
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_multiplier_scales_the_first_update(name: str, request: Any) -> None:
-    """Two identical zero-initialised heads get identical gradients; both are unfrozen at
-    epoch 1 (one step per epoch) of a second fit, the optimizer already built by Keras,
-    head_a at lr_multiplier=1, head_b at 0.25. Their weights after fit are minus their
-    first update, and head_b's are exactly 0.25 times head_a's: the learning rate is
-    scaled, not the gradient (for Adam a scaled gradient gives nearly the same update)."""
+    """Every optimizer: lr_multiplier=0.25 makes the first update exactly 0.25 times that at 1."""
+    # Two identical zero-initialised heads get identical gradients and are unfrozen at epoch 1
+    # (one step per epoch) of a second fit, the optimizer already built by Keras (Unfreeze
+    # grows it): their weights are minus their first update. The learning rate is scaled,
+    # not the gradient: for Adam a scaled gradient would give nearly the same update.
     if name in REWRITTEN:
         request.getfixturevalue("no_arithmetic_rewrite")
     if name == "Nadam" and IS_TF_KERAS:
@@ -285,8 +283,7 @@ def test_multiplier_scales_the_first_update(name: str, request: Any) -> None:
 
 
 def test_multiplier_scales_a_scheduled_learning_rate() -> None:
-    """With a learning-rate schedule (its position kept: the second fit starts at step 1),
-    head_b's first update is exactly 0.25 times head_a's."""
+    """With a learning-rate schedule (position kept) the first update is 0.25 times too."""
     model = bnfreeze.freeze(twin_heads(), ["head_a", "head_b"])
     schedule = OPT.schedules.ExponentialDecay(0.01, decay_steps=1, decay_rate=0.5)
     model.compile(optimizer=OPT.Adam(schedule), loss="mse")
@@ -303,8 +300,7 @@ def test_multiplier_scales_a_scheduled_learning_rate() -> None:
 
 
 def test_callable_multiplier_gets_the_epochs_since_unfreezing() -> None:
-    """A callable multiplier is called with 0, 1, 2, ... from the epoch named, and its
-    value is used that epoch: 0 then 0.5 is bitwise Unfreeze one epoch later at 0.5."""
+    """A callable gets 0, 1, ...: 0 then 0.5 is bitwise a stage one epoch later at 0.5."""
     calls: list[int] = []
 
     def ramp(since: int) -> float:
@@ -336,10 +332,9 @@ def stacked() -> Any:
 
 
 def test_stages_move_exactly_from_their_epoch() -> None:
-    """Three stages: each part is bitwise unchanged at every epoch end before its epoch
-    and changes at every epoch end from it; a BN unfrozen in 'adapt' updates its moving
-    statistics from then on (gamma/beta stay), one in 'inference' never changes, one
-    restored (bn_mode=None) trains gamma/beta and updates its statistics."""
+    """Three stages: each part moves exactly from its epoch on; each BN follows its bn_mode."""
+    # 'adapt' updates the statistics from its epoch (gamma/beta stay), 'inference' changes
+    # nothing, None (restored) trains gamma/beta and updates the statistics.
     model = bnfreeze.freeze(stacked(), ["d*", "bn*"])
     model.compile(optimizer=OPT.Adam(0.01), loss="mse")
     snaps = Snapshots()
@@ -373,8 +368,7 @@ def test_stages_move_exactly_from_their_epoch() -> None:
 
 
 def test_initial_epoch_applies_earlier_stages_at_the_start() -> None:
-    """fit(initial_epoch=2) applies a stage named for epoch 1 before the first step, and
-    its callable multiplier sees 1 epoch since unfreezing."""
+    """fit(initial_epoch=2) applies an epoch-1 stage before its first step (1 epoch since)."""
     calls: list[int] = []
     model = bnfreeze.freeze(three_dense(), ["body", "bn"])
     model.compile(optimizer=OPT.SGD(0.05), loss="mse")
@@ -406,10 +400,10 @@ class Interrupt(keras.callbacks.Callback):  # type: ignore[misc]
 def test_backup_and_restore_resumes_to_the_same_weights(
     tmp_path: Any, interrupt_at: int, built_before: bool
 ) -> None:
-    """A fit interrupted after a stage and resumed by BackupAndRestore in a fresh model
-    ends with bitwise the weights of the uninterrupted fit (optimizer slots of the
-    unfrozen variables restored, stages re-applied before the resumed epoch); also when
-    an earlier fit had built the optimizer, so that Unfreeze grows it."""
+    """Interrupted, resumed by BackupAndRestore: bitwise the uninterrupted fit's weights."""
+    # The resumed fit is a fresh model: optimizer slots of the unfrozen variables are restored
+    # and stages before the resumed epoch re-applied; "optimizer_built_before": an earlier fit
+    # built the optimizer, so Unfreeze grows it.
 
     def run(extra: list[Any], backup: Any) -> Any:
         keras.backend.clear_session()
@@ -504,8 +498,7 @@ def test_callable_multiplier_returning_a_bad_value() -> None:
 
 
 def test_ftrl_refuses_a_zero_multiplier() -> None:
-    """Ftrl divides by its learning rate (a zero rate turns weights into NaN): a zero
-    multiplier is refused when fit starts."""
+    """Ftrl with lr_multiplier=0 is refused when fit starts (it divides by the rate)."""
     model = bnfreeze.freeze(three_dense(), ["body", "bn"])
     model.compile(optimizer=OPT.Ftrl(0.01), loss="mse")
     with pytest.raises(bnfreeze.ArgumentError) as info:

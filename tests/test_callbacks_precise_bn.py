@@ -80,8 +80,7 @@ def stats(weights: list[np.ndarray], model: Any) -> dict[str, np.ndarray]:
 
 
 def test_population_statistics_and_last_val_loss() -> None:
-    """After fit, the BN moving statistics are the population statistics of its input
-    over `data`, and the last logged val_loss is what evaluate gives after fit."""
+    """After fit: population BN statistics, and the last val_loss equals evaluate."""
     model = small()
     history = model.fit(
         X,
@@ -98,9 +97,9 @@ def test_population_statistics_and_last_val_loss() -> None:
 
 
 def test_recalibrates_before_each_due_validation() -> None:
-    """every=2: epochs 1 and 3 validate with population statistics of their final weights
-    (each logged val_loss equals evaluate of the weights recorded at that epoch's end);
-    epochs 0 and 2 keep fit's moving averages."""
+    """every=2: epochs 1 and 3 validate with population statistics, 0 and 2 with fit's."""
+    # Each logged val_loss equals evaluate of the weights recorded at that epoch's end, so a
+    # recalibration after validation instead of before it would show.
     model = small()
     record = Record()
     model.fit(
@@ -136,8 +135,7 @@ def test_without_validation_recalibrates_at_epoch_end() -> None:
 
 
 def test_recalibrates_at_the_end_after_later_training() -> None:
-    """every=2 with 3 epochs: epoch 2 trains after the last due epoch, so fit ends with
-    a recalibration of the final weights."""
+    """Training after the last due epoch is followed by a final recalibration."""
     model = small()
     record = Record()
     model.fit(
@@ -159,8 +157,7 @@ def test_evaluate_outside_fit_changes_nothing() -> None:
 
 
 def test_with_unfreeze_stages() -> None:
-    """PreciseBN after an Unfreeze that restores BN (bn_mode=None): the final statistics
-    are still the population statistics."""
+    """After an Unfreeze restoring BN (bn_mode=None): population statistics at the end."""
     model = small()
     bnfreeze.freeze(model, ["dense", "bn"])
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
