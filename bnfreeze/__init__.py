@@ -5,6 +5,7 @@
 ['adapt', 'affine', 'inference', 'train']
 """
 
+from bnfreeze import callbacks as callbacks
 from bnfreeze._audit import audit
 from bnfreeze._errors import (
     ArgumentError,

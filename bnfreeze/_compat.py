@@ -42,27 +42,33 @@ __all__ = [
     "KERAS_VERSION",
     "Layer",
     "Model",
+    "OPTIMIZER_BUILT",
+    "OPTIMIZER_INDEX",
     "backend_name",
     "bn_branch_decided_upfront",
     "bn_cast_dtype",
     "bn_uses_batch_statistics",
     "compiled_loss_value",
+    "created_trainable_variables",
     "direct_sublayers",
     "first_call_spec",
     "fit_trainable_state",
     "fit_trainable_variables",
     "flavour_label",
+    "forget_optimizer_children",
     "forward_state_variables",
     "graph_nodes",
     "has_compiled_loss",
     "is_foreign_keras_object",
     "keras",
     "learning_phase_default",
+    "learning_rate_attribute",
     "recorded_training",
     "register_serialized_name",
     "remove_recorded_training",
     "require_tensorflow_backend",
     "reset_compiled_functions",
+    "set_optimizer_attribute",
     "run_updates_even_if_frozen",
     "set_recorded_training",
     "stateless_scope",
@@ -72,6 +78,7 @@ __all__ = [
     "to_numpy",
     "trainer_forward",
     "training_matters_only_for_float8",
+    "untrack_optimizer_variable",
     "variable_path",
 ]
 
@@ -523,3 +530,72 @@ def bn_cast_dtype(layer: Any) -> str:
     type; tf-keras to the layer's compute dtype (float16 under a mixed-precision policy).
     """
     return str(layer.compute_dtype) if IS_TF_KERAS else "float32"
+
+
+# --- how a built optimizer records the variables it updates ---------------------------------
+
+#: The attribute that says an optimizer is built.
+OPTIMIZER_BUILT: str = "_built" if IS_TF_KERAS else "built"
+#: The attribute holding a built optimizer's ``{variable key: index}`` table (the index
+#: into its per-variable slot lists).
+OPTIMIZER_INDEX: str = "_index_dict" if IS_TF_KERAS else "_trainable_variables_indices"
+
+
+def learning_rate_attribute(optimizer: Any) -> str:
+    """The attribute ``optimizer.learning_rate`` returns when it holds no schedule or
+    callable: ``_learning_rate``; tf-keras keeps a schedule there and returns its value
+    of the step from ``_current_learning_rate``."""
+    if IS_TF_KERAS:
+        schedule = keras.optimizers.schedules.LearningRateSchedule
+        if isinstance(vars(optimizer).get("_learning_rate"), schedule):
+            return "_current_learning_rate"
+    return "_learning_rate"
+
+
+def set_optimizer_attribute(optimizer: Any, name: str, value: Any) -> None:
+    """Set ``optimizer.<name>`` as the optimizer's own ``build`` does.
+
+    Keras 3 builds without automatic tracking (its list of model variables must not
+    become optimizer variables; slots are tracked when created); tf-keras tracks the
+    attribute, which is how its checkpoints find the slot lists.
+    """
+    if IS_TF_KERAS:
+        setattr(optimizer, name, value)
+        return
+    from keras.src.utils.tracking import DotNotTrackScope
+
+    with DotNotTrackScope():
+        setattr(optimizer, name, value)
+
+
+def created_trainable_variables(layer: Any) -> list[Any]:
+    """The variables ``layer`` and its sublayers created as trainable: what it trains
+    once ``trainable`` is true again, whatever the flags say now (Keras 3 clears a frozen
+    layer's variables' own ``trainable`` flag; tf-keras leaves it)."""
+    attribute = "_trainable_weights" if IS_TF_KERAS else "_trainable_variables"
+    found: list[Any] = []
+    seen: set[int] = set()
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
+        for variable in getattr(sub, attribute, None) or []:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                found.append(variable)
+    return found
+
+
+def untrack_optimizer_variable(optimizer: Any, variable: Any) -> None:
+    """Remove ``variable`` from ``optimizer.variables`` (what it saves and restores)."""
+    if not IS_TF_KERAS:
+        optimizer._untrack_variable(variable)
+        return
+    for i, known in enumerate(optimizer._variables):
+        if known is variable:
+            del optimizer._variables[i]
+            return
+
+
+def forget_optimizer_children(optimizer: Any) -> None:
+    """tf-keras caches an optimizer's checkpoint children at its first save; drop the
+    cache after its slot lists were replaced, so the next save lists the new ones."""
+    if IS_TF_KERAS:
+        vars(optimizer).pop("_coalesced_children", None)

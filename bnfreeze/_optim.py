@@ -1,0 +1,261 @@
+"""Teach a built optimizer new variables, and give some variables a scaled learning rate.
+
+What ``callbacks.Unfreeze`` needs from an optimizer that ``fit`` has already built:
+
+* :func:`add_variables` gives it fresh slots (momentum, Adam moments, ...) for variables
+  that will start training later, **keeping every slot it has**, ``iterations`` and the
+  learning rate (schedule) untouched. The optimizer's own ``build`` creates the new
+  slots, for the new variables only; its per-variable lists are then joined (old + new)
+  and its index table extended, exactly as one ``build`` over all the variables would
+  have laid them out per variable. A scalar state that ``build`` creates once
+  (``Nadam``'s ``u_product``) keeps its current value.
+* :func:`scale_learning_rate` makes the optimizer use ``learning_rate * scale`` for the
+  given variables: in ``update_step`` (Keras 3 passes the learning rate in, scaled here;
+  tf-keras reads ``self.learning_rate``, which reads the scaled value while that one
+  variable is updated) and in decoupled weight decay (``AdamW``'s ``lr * wd * w``, which
+  reads ``self.learning_rate`` in both flavours). The learning
+  rate is scaled, never the gradient (for Adam they differ). Variables without a scale
+  run through the optimizer's own code, unchanged.
+
+Wrappers (``LossScaleOptimizer``) are looked through: the innermost optimizer owns the
+slots. ``MultiOptimizer`` and tf-keras's legacy optimizers are refused (see
+:func:`refusal`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from bnfreeze._compat import (
+    OPTIMIZER_BUILT,
+    OPTIMIZER_INDEX,
+    forget_optimizer_children,
+    keras,
+    learning_rate_attribute,
+    set_optimizer_attribute,
+    untrack_optimizer_variable,
+)
+
+_SCALES_ATTR = "_bnfreeze_lr_scales"  # {variable key: scalar tf.Variable}, on the optimizer
+
+
+def chain(optimizer: Any) -> list[Any]:
+    """``optimizer`` and every optimizer it wraps (``inner_optimizer``), outermost first."""
+    found = [optimizer]
+    while getattr(found[-1], "inner_optimizer", None) is not None:
+        found.append(found[-1].inner_optimizer)
+    return found
+
+
+def refusal(optimizer: Any) -> str | None:
+    """Why bnfreeze cannot give ``optimizer`` new variables and per-variable learning
+    rates (a phrase about "its optimizer"), or ``None`` when it can."""
+    multi = getattr(keras.optimizers, "MultiOptimizer", None)
+    for depth, opt in enumerate(chain(optimizer)):
+        if multi is not None and isinstance(opt, multi):
+            return (
+                f"its optimizer {'is' if depth == 0 else 'wraps'} a MultiOptimizer, whose "
+                "apply() requires a gradient for every variable it was built with, so it "
+                "cannot hold slots for variables that start training later"
+            )
+    inner = chain(optimizer)[-1]
+    if not isinstance(inner, keras.optimizers.Optimizer):
+        kind = type(inner).__module__ + "." + type(inner).__name__
+        legacy = " (a legacy optimizer)" if ".legacy" in kind else ""
+        return (
+            f"its optimizer is a {kind}{legacy}, not a keras.optimizers.Optimizer, so "
+            "bnfreeze cannot add slots for new variables or scale their learning rate"
+        )
+    return None
+
+
+def divides_by_learning_rate(optimizer: Any) -> bool:
+    """Ftrl divides by its learning rate: a zero rate turns the weights into NaN."""
+    ftrl = getattr(keras.optimizers, "Ftrl", None)
+    return ftrl is not None and isinstance(chain(optimizer)[-1], ftrl)
+
+
+def knows(optimizer: Any, variable: Any) -> bool:
+    """Whether ``optimizer`` (built) has slots for ``variable``."""
+    inner = chain(optimizer)[-1]
+    if not bool(getattr(inner, OPTIMIZER_BUILT, False)):
+        return False
+    return inner._var_key(variable) in getattr(inner, OPTIMIZER_INDEX)
+
+
+def add_variables(optimizer: Any, current: Sequence[Any], new: Sequence[Any]) -> None:
+    """Give ``optimizer`` fresh slots for ``new``, keeping all its state.
+
+    ``current`` are the variables ``fit`` trains now: an optimizer that is not built yet
+    is built on ``current + new`` (what tf-keras asks for: "call optimizer.build with the
+    full list of trainable variables before the training loop"). Variables it knows
+    already are skipped. Call it inside the model's distribution strategy scope.
+    """
+    optimizers = chain(optimizer)
+    inner = optimizers[-1]
+    if not bool(getattr(inner, OPTIMIZER_BUILT, False)):
+        optimizer.build(_unique([*current, *new]))
+        return
+    missing = _unique([v for v in new if not knows(optimizer, v)])
+    if not missing:
+        return
+    _grow(inner, missing, inner.build)
+    for wrapper in optimizers[:-1]:
+        # A Keras 3 LossScaleOptimizer keeps its own index of the inner one's variables
+        # (the base class's part of its build); tf-keras's delegates everything.
+        if isinstance(getattr(wrapper, OPTIMIZER_INDEX, None), dict):
+            base_build = keras.optimizers.Optimizer.build.__get__(wrapper)
+            _grow(wrapper, missing, base_build)
+
+
+def _unique(variables: Sequence[Any]) -> list[Any]:
+    seen: set[int] = set()
+    found = []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            found.append(v)
+    return found
+
+
+def _grow(opt: Any, new: list[Any], build: Any) -> None:
+    """Run ``build(new)`` on the built ``opt`` and join what it made to what it had."""
+    before = dict(vars(opt))
+    old_index = dict(getattr(opt, OPTIMIZER_INDEX))
+    known_before = {id(v) for v in opt.variables}
+    count = len(old_index)
+    set_optimizer_attribute(opt, OPTIMIZER_INDEX, {})
+    set_optimizer_attribute(opt, OPTIMIZER_BUILT, False)
+    try:
+        build(new)
+    except BaseException:
+        for name, value in before.items():
+            if vars(opt).get(name) is not value:
+                set_optimizer_attribute(opt, name, value)
+        for variable in list(opt.variables):
+            if id(variable) not in known_before:
+                untrack_optimizer_variable(opt, variable)
+        raise
+    new_index = dict(getattr(opt, OPTIMIZER_INDEX))
+    joined = {**old_index, **{k: count + i for k, i in new_index.items()}}
+    set_optimizer_attribute(opt, OPTIMIZER_INDEX, joined)
+    set_optimizer_attribute(opt, OPTIMIZER_BUILT, True)
+    kept: set[int] = set()
+    for name, value in list(vars(opt).items()):
+        old = before.get(name)
+        if name == OPTIMIZER_INDEX or value is old or name not in before:
+            continue
+        if isinstance(old, list) and len(old) == count and _per_variable(value, len(new)):
+            # Slots of the old variables, then of the new ones.
+            set_optimizer_attribute(opt, name, [*old, *value])
+            kept.update(id(v) for v in value)
+        elif isinstance(old, dict) and isinstance(value, dict):
+            # Tables keyed by variable (keras 3.16's weight-decay table).
+            set_optimizer_attribute(opt, name, {**old, **value})
+        else:
+            # State built once (Nadam's u_product): the old one goes on.
+            set_optimizer_attribute(opt, name, old)
+    for variable in list(opt.variables):
+        if id(variable) not in known_before and id(variable) not in kept:
+            untrack_optimizer_variable(opt, variable)
+    forget_optimizer_children(opt)
+    _start_averages(opt, new)
+
+
+def _per_variable(value: Any, count: int) -> bool:
+    return isinstance(value, list) and len(value) == count
+
+
+def _start_averages(opt: Any, variables: Sequence[Any]) -> None:
+    """EMA slots of variables added after the first step start at the variable's value
+    (Keras 3 creates them as zeros and relies on its first step to copy the weights)."""
+    averages = getattr(opt, "_model_variables_moving_average", None)
+    if not getattr(opt, "use_ema", False) or not averages:
+        return
+    index = getattr(opt, OPTIMIZER_INDEX)
+    for variable in variables:
+        average = averages[index[opt._var_key(variable)]]
+        if average is not None:
+            average.assign(variable)
+
+
+# --- per-variable learning-rate scale ----------------------------------------------------
+
+
+def scale_learning_rate(optimizer: Any, variables: Sequence[Any], scale: Any) -> None:
+    """From the next traced step on, ``optimizer`` uses ``learning_rate * scale`` for
+    ``variables`` (``scale``: a scalar ``tf.Variable``, read at every step)."""
+    inner = chain(optimizer)[-1]
+    table = _scales(inner)
+    for variable in variables:
+        table[inner._var_key(variable)] = scale
+
+
+def _scales(opt: Any) -> dict[Any, Any]:
+    table: dict[Any, Any] | None = vars(opt).get(_SCALES_ATTR)
+    if table is not None:
+        return table
+    table = {}
+    # Set past the optimizer's attribute tracking: nothing here is optimizer state to
+    # save (the scales are recomputed from the epoch) or a dependency to checkpoint.
+    object.__setattr__(opt, _SCALES_ATTR, table)
+    update_step = opt.update_step
+    apply_weight_decay = opt._apply_weight_decay
+
+    def scaled_update_step(gradient: Any, variable: Any, *args: Any) -> Any:
+        scale = table.get(opt._var_key(variable))
+        if scale is None:
+            return update_step(gradient, variable, *args)
+        if args:  # Keras 3 passes the learning rate in
+            return update_step(gradient, variable, _times(args[0], scale), *args[1:])
+        with _reading_scaled_learning_rate(opt, scale):  # tf-keras reads self.learning_rate
+            return update_step(gradient, variable)
+
+    def scaled_weight_decay(variables: Sequence[Any]) -> Any:
+        groups: dict[int, tuple[Any, list[Any]]] = {}
+        plain = []
+        for variable in variables:
+            scale = table.get(opt._var_key(variable))
+            if scale is None:
+                plain.append(variable)
+            else:
+                groups.setdefault(id(scale), (scale, []))[1].append(variable)
+        if not groups:
+            return apply_weight_decay(variables)
+        if plain:
+            apply_weight_decay(plain)
+        for scale, group in groups.values():
+            with _reading_scaled_learning_rate(opt, scale):
+                apply_weight_decay(group)
+        return None
+
+    object.__setattr__(opt, "update_step", scaled_update_step)
+    object.__setattr__(opt, "_apply_weight_decay", scaled_weight_decay)
+    return table
+
+
+def _times(learning_rate: Any, scale: Any) -> Any:
+    value = tf.convert_to_tensor(learning_rate)
+    return value * tf.cast(scale, value.dtype)
+
+
+@contextlib.contextmanager
+def _reading_scaled_learning_rate(opt: Any, scale: Any) -> Iterator[None]:
+    """Inside the block (a trace), ``opt.learning_rate`` reads ``learning_rate * scale``.
+
+    The attribute the flavour's ``learning_rate`` property returns holds, for the block,
+    a tensor of the scaled value (a schedule object itself stays where it is, so code
+    asking whether the learning rate is a schedule or callable gets the same answer).
+    """
+    name = learning_rate_attribute(opt)
+    scaled = _times(opt.learning_rate, scale)
+    saved = vars(opt)[name]
+    object.__setattr__(opt, name, scaled)
+    try:
+        yield
+    finally:
+        object.__setattr__(opt, name, saved)

@@ -1,0 +1,338 @@
+"""Keras callbacks that fine-tune in one ``fit``: :class:`Unfreeze` and :class:`PreciseBN`.
+
+``Unfreeze`` unfreezes part of a model at the start of an epoch, inside the running
+``fit``: the optimizer keeps its state and learns the new variables, whose learning rate
+may be scaled. ``PreciseBN`` recalibrates BatchNormalization statistics exactly before
+validation. The guide: [Fine-tuning in one fit](fine-tuning-in-one-fit.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from numbers import Real
+from typing import Any
+
+from bnfreeze._compat import (
+    created_trainable_variables,
+    keras,
+    require_tensorflow_backend,
+    strategy_of,
+    to_numpy,
+)
+from bnfreeze._errors import ArgumentError, ArgumentTypeError, ModelError
+from bnfreeze._freeze import unfreeze
+from bnfreeze._kinds import is_batch_norm
+from bnfreeze._modes import MODES, BNMode, check_mode
+from bnfreeze._optim import (
+    add_variables,
+    chain,
+    divides_by_learning_rate,
+    refusal,
+    scale_learning_rate,
+)
+from bnfreeze._recalibrate import UPSTREAM_VALUES, Upstream, _check_count, _targets, recalibrate
+from bnfreeze._select import Selector, select
+from bnfreeze._walk import check_model, walk
+
+__all__ = ["PreciseBN", "Unfreeze"]
+
+Multiplier = float | Callable[[int], float]
+_Callback: Any = keras.callbacks.Callback
+
+
+class Unfreeze(_Callback):  # type: ignore[misc]
+    """Unfreeze ``layers`` at the start of epoch ``epoch``, inside the running ``fit``.
+
+    At the start of epoch ``epoch`` (0-based; past it with ``initial_epoch``, at the start
+    of ``fit``) this runs [`unfreeze(model, layers, bn_mode=bn_mode)`][bnfreeze.unfreeze]
+    and rebuilds the train function: no recompile. The optimizer keeps ``iterations``,
+    its schedule's position and every slot; the variables that start training got fresh
+    slots when ``fit`` began, and their learning rate (not their gradient) is multiplied
+    by ``lr_multiplier``. Several ``Unfreeze`` in one ``fit`` unfreeze in stages. Details,
+    costs and the optimizers it supports: [Fine-tuning in one fit](fine-tuning-in-one-fit.md).
+
+    Note:
+        It changes the model (as ``unfreeze``) and its optimizer in place; the scaled
+        learning rates stay with the optimizer after ``fit``.
+
+    Args:
+        epoch: The 0-based epoch at whose start the layers are unfrozen.
+        layers: What to unfreeze; the selectors of [`freeze`][bnfreeze.freeze].
+        bn_mode: The mode of the unfrozen BN layers (default ``"inference"``: moving
+            statistics, gamma/beta frozen), or ``None`` to restore them.
+        lr_multiplier: A float >= 0, or ``callable(epochs_since_unfreezing) -> float``
+            called at the start of every epoch from ``epoch`` on (0 first).
+
+    Raises:
+        ArgumentError, ArgumentTypeError, ModeError: a bad argument (at construction).
+        SelectionError, ModelError: ``layers`` matches nothing, or the optimizer cannot
+            be extended (when ``fit`` starts, before any step).
+
+    Examples:
+        >>> import keras, numpy as np, bnfreeze
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="base"),
+        ...     keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="head")])
+        >>> model = bnfreeze.freeze(model, ["base", "bn"])
+        >>> model.compile(optimizer="adam", loss="mse")
+        >>> stage = bnfreeze.callbacks.Unfreeze(1, ["base", "bn"], lr_multiplier=0.1)
+        >>> x, y = np.ones((8, 4), "float32"), np.ones((8, 1), "float32")
+        >>> history = model.fit(x, y, epochs=2, callbacks=[stage], verbose=0)
+        >>> [(layer.name, layer.trainable) for layer in model.layers]
+        [('base', True), ('bn', False), ('head', True)]
+    """
+
+    def __init__(
+        self,
+        epoch: int,
+        layers: Selector = None,
+        *,
+        bn_mode: BNMode | None = "inference",
+        lr_multiplier: Multiplier = 1.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise ArgumentTypeError(
+                f"Expected `epoch` to be an int (0-based). Received: epoch={epoch!r}."
+            )
+        if epoch < 0:
+            raise ArgumentError(
+                f"Expected `epoch` to be >= 0 (Keras numbers epochs from 0). "
+                f"Received: epoch={epoch!r}."
+            )
+        if bn_mode is not None:
+            check_mode(bn_mode)
+        if not callable(lr_multiplier):
+            _check_multiplier(lr_multiplier, "lr_multiplier={!r}")
+        self.epoch = epoch
+        self.layers = layers
+        self.bn_mode = bn_mode
+        self.lr_multiplier = lr_multiplier
+        self._applied = False
+        self._scale: Any = None
+
+    def set_model(self, model: Any) -> None:
+        """Check the selection and give the optimizer slots for what will train."""
+        check_model(model, function="Unfreeze")
+        require_tensorflow_backend("Unfreeze")
+        selected = select(walk(model), self.layers)
+        super().set_model(model)
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None or self._applied:
+            return
+        reason = refusal(optimizer)
+        if reason is not None:
+            raise ModelError(
+                f"`Unfreeze` cannot train new variables of model {model.name!r} inside fit: "
+                f"{reason}. Expected a model compiled with a keras.optimizers optimizer "
+                "(SGD, Adam, AdamW, RMSprop, ...); compile with one, or unfreeze between "
+                "two fit calls and compile again."
+            )
+        if not callable(self.lr_multiplier):
+            self._check_positive(optimizer, self.lr_multiplier, "lr_multiplier={!r}")
+        spec = None if self.bn_mode is None else MODES[self.bn_mode]
+        ids: set[int] = set()
+        for node in selected:
+            if is_batch_norm(node.layer) and spec is not None and not spec.trains_affine:
+                continue
+            ids.update(id(v) for v in created_trainable_variables(node.layer))
+        future = [v for v in model.weights if id(v) in ids]
+        with strategy_of(model).scope():
+            add_variables(optimizer, list(model.trainable_weights), future)
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        """Unfreeze at (or, after ``initial_epoch``, past) the epoch; update the scale."""
+        if epoch < self.epoch:
+            return
+        if not self._applied:
+            self._apply(epoch)
+        elif self._scale is not None:
+            self._scale.assign(self._multiplier(epoch))
+
+    def _apply(self, epoch: int) -> None:
+        import tensorflow as tf
+
+        model = self.model
+        optimizer = model.optimizer
+        before = {id(v) for v in model.trainable_weights}
+        unfreeze(model, self.layers, bn_mode=self.bn_mode)
+        started = [v for v in model.trainable_weights if id(v) not in before]
+        with strategy_of(model).scope():
+            add_variables(optimizer, [], started)  # prepared in set_model; a safety net
+            if callable(self.lr_multiplier) or float(self.lr_multiplier) != 1.0:
+                self._scale = tf.Variable(
+                    self._multiplier(epoch), dtype=tf.float32, trainable=False
+                )
+                scale_learning_rate(optimizer, started, self._scale)
+        model.make_train_function(force=True)
+        self._applied = True
+
+    def _multiplier(self, epoch: int) -> float:
+        if not callable(self.lr_multiplier):
+            return float(self.lr_multiplier)
+        since = epoch - self.epoch
+        value = self.lr_multiplier(since)
+        received = f"lr_multiplier({since}) returned {{!r}}"
+        _check_multiplier(value, received)
+        self._check_positive(self.model.optimizer, value, received)
+        return float(value)
+
+    @staticmethod
+    def _check_positive(optimizer: Any, value: Any, received: str) -> None:
+        if value == 0 and divides_by_learning_rate(optimizer):
+            raise ArgumentError(
+                "Expected `lr_multiplier` > 0 with Ftrl, which divides by the learning rate "
+                f"(a zero rate turns the weights into NaN). Received: {received.format(value)}."
+            )
+
+
+def _check_multiplier(value: Any, received: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ArgumentTypeError(
+            "Expected `lr_multiplier` to be a float >= 0 or a callable(epochs_since_unfreezing)"
+            f" -> float. Received: {received.format(value)}."
+        )
+    if not math.isfinite(float(value)) or value < 0:
+        raise ArgumentError(
+            f"Expected `lr_multiplier` to be a finite float >= 0. Received: "
+            f"{received.format(value)}."
+        )
+
+
+class PreciseBN(_Callback):  # type: ignore[misc]
+    """Recalibrate BatchNormalization statistics exactly before validation and at the end.
+
+    Before each validation run of every ``every``-th epoch (epochs ``every - 1``,
+    ``2 * every - 1``, ... as ``validation_freq`` counts), and once more at the end of
+    ``fit`` if the weights changed since, the selected BN layers get the population
+    statistics of ``data`` from [`bnfreeze.recalibrate`][] (detectron2's ``PreciseBN``):
+    the logged ``val_*`` metrics and the final model use them. Without validation data
+    it recalibrates at the end of those epochs. Each call costs about one ``predict``
+    over ``data``; ``steps`` bounds it.
+
+    Note:
+        Only the selected layers' ``moving_mean`` and ``moving_variance`` change.
+
+    Args:
+        data: What ``recalibrate`` reads (arrays, a ``tf.data.Dataset``, a
+            ``PyDataset``), read again at every recalibration.
+        every: Recalibrate on every ``every``-th epoch.
+        steps: Read at most this many batches each time.
+        layers: The BN layers to recalibrate, as in ``recalibrate`` (``None``: all).
+        upstream: ``"batch"`` or ``"recalibrated"``, as in ``recalibrate``.
+        batch_size: Batch size for in-memory arrays (default 32).
+
+    Raises:
+        ArgumentError, ArgumentTypeError: a bad argument (at construction).
+        SelectionError: ``layers`` selects no BN layer (when ``fit`` starts).
+
+    Examples:
+        >>> import keras, numpy as np, bnfreeze
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
+        ...     keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="out")])
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+        >>> precise = bnfreeze.callbacks.PreciseBN(x)
+        >>> history = model.fit(x, np.ones((64, 1)), epochs=2, callbacks=[precise], verbose=0)
+        >>> h = model.get_layer("hidden")(x).numpy()
+        >>> bool(np.allclose(model.get_layer("bn").moving_mean.numpy(), h.mean(0), atol=1e-5))
+        True
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        every: int = 1,
+        steps: int | None = None,
+        layers: Selector = None,
+        upstream: Upstream = "batch",
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if data is None or inspect.isgenerator(data) or _is_one_shot_iterator(data):
+            raise ArgumentTypeError(
+                "Expected `data` to be arrays, a tf.data.Dataset or a keras.utils.PyDataset, "
+                "which PreciseBN reads again at every recalibration. Received: "
+                f"{type(data).__name__}, which can be read {'never' if data is None else 'once'}."
+            )
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ArgumentError(
+                f"Expected `every` to be a positive int. Received: every={every!r}."
+            )
+        if not (isinstance(upstream, str) and upstream in UPSTREAM_VALUES):
+            raise ArgumentError(
+                f"Expected `upstream` to be one of {UPSTREAM_VALUES}. "
+                f"Received: upstream={upstream!r}."
+            )
+        self.data = data
+        self.every = every
+        self.steps = _check_count(steps, "steps")
+        self.batch_size = _check_count(batch_size, "batch_size")
+        self.layers = layers
+        self.upstream = upstream
+        self._in_fit = False
+        self._epoch: int | None = None
+        self._done_epoch: int | None = None
+        self._done_at: int | None = None  # optimizer iterations at the last recalibration
+
+    def set_model(self, model: Any) -> None:
+        """Check that ``layers`` selects BN layers of ``model``."""
+        check_model(model, function="PreciseBN")
+        require_tensorflow_backend("PreciseBN")
+        _targets(walk(model), self.layers)
+        super().set_model(model)
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._in_fit, self._epoch, self._done_epoch, self._done_at = True, None, None, None
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._epoch = epoch
+
+    def on_test_begin(self, logs: Any = None) -> None:
+        """Inside ``fit``: the validation of a due epoch is about to start."""
+        if self._in_fit and self._epoch is not None and self._due(self._epoch):
+            self._recalibrate(self._epoch)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self._due(epoch):
+            self._recalibrate(epoch)
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self._in_fit = False
+        if self._epoch is None:  # no epoch ran
+            return
+        averaged = any(getattr(opt, "use_ema", False) for opt in _optimizers(self.model))
+        if self._done_at is None or self._done_at != _iterations(self.model) or averaged:
+            self._recalibrate(self._epoch)
+
+    def _due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.every == 0 and self._done_epoch != epoch
+
+    def _recalibrate(self, epoch: int | None) -> None:
+        recalibrate(
+            self.model,
+            self.data,
+            batch_size=self.batch_size,
+            steps=self.steps,
+            layers=self.layers,
+            upstream=self.upstream,
+            verbose=0,
+        )
+        self._done_epoch = epoch
+        self._done_at = _iterations(self.model)
+
+
+def _is_one_shot_iterator(data: Any) -> bool:
+    return hasattr(data, "__next__") and iter(data) is data
+
+
+def _optimizers(model: Any) -> list[Any]:
+    optimizer = getattr(model, "optimizer", None)
+    return [] if optimizer is None else chain(optimizer)
+
+
+def _iterations(model: Any) -> int | None:
+    optimizer = getattr(model, "optimizer", None)
+    return None if optimizer is None else int(to_numpy(optimizer.iterations))
