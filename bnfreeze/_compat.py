@@ -62,6 +62,7 @@ __all__ = [
     "layer_graph",
     "learning_phase_default",
     "recorded_training",
+    "recreating_live_layers",
     "register_serialized_name",
     "remove_recorded_training",
     "require_tensorflow_backend",
@@ -461,6 +462,21 @@ def graph_calls(
                 inputs = list(node.arguments.keras_tensors)
             calls.append((layer, tuple(args), dict(kwargs), inputs, tf.nest.flatten(node.outputs)))
     return calls
+
+
+def recreating_live_layers() -> Any:
+    """A context for re-creating layers from the configs of live layers in memory.
+
+    Keras 3 refuses to deserialize a ``Lambda`` layer's Python lambda outside an unsafe
+    scope (a guard against code in untrusted files); a config taken from the caller's own
+    model in memory comes from no file, so the guard is lifted for the block. tf-keras
+    re-creates them anyway.
+    """
+    if IS_TF_KERAS:
+        return contextlib.nullcontext()
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    return SafeModeScope(False)
 
 
 def first_call_spec(model: Any) -> Any:

@@ -25,6 +25,7 @@ from bnfreeze._compat import (
     graph_calls,
     keras,
     layer_graph,
+    recreating_live_layers,
     symbolic_inputs,
     symbolic_outputs,
     to_numpy,
@@ -280,7 +281,8 @@ class _Builder:
                 initializers = {k: v for k, v in config.items() if k.endswith("_initializer")}
                 config.update(dict.fromkeys(initializers, "zeros"))
             try:
-                new = cls.from_config(config)
+                with recreating_live_layers():
+                    new = cls.from_config(config)
             except Exception as error:  # whatever a custom from_config raises
                 raise ModelError(
                     f"Cannot copy layer {_described(old, self.paths)} into the folded "
