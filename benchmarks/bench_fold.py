@@ -1,0 +1,178 @@
+"""Benchmark bnfreeze.fold: inference time of folded models, and fold() itself.
+
+Run from the repository root with the flavour's python, for example::
+
+    PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/bench_fold.py
+    TF_USE_LEGACY_KERAS=1 PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/bench_fold.py
+
+What is measured (weights=None, nothing downloaded; every comparison side by side in one
+process, repetitions interleaved with the order rotated each round, so that a noisy
+shared machine slows every side alike; medians):
+
+1. **predict at batch 1** -- ``predict_on_batch`` of one 224x224 image through
+   MobileNetV2, EfficientNetB0 and ResNet50 (with their classification top), three sides:
+   the original model, ``bnfreeze.fold(model)``, and the original with every
+   BatchNormalization replaced by a linear ``Activation`` (BN removed: the limit folding
+   can approach, KERAS_FACTS fact 14). Targets, folded / original: MobileNetV2 <= 0.78,
+   EfficientNetB0 <= 0.88, ResNet50 <= 0.95.
+2. **fold() wall time** on ResNet50 (target < 2 s), next to
+   ``keras.models.clone_model(model)`` (a whole-graph rebuild with new variables).
+
+This is not a test: it prints numbers. ``--json`` prints them as one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from bench_freeze import summary
+
+import bnfreeze
+from bnfreeze._compat import flavour_label, keras
+from bnfreeze._kinds import is_batch_norm
+
+A = keras.applications
+MODELS: dict[str, tuple[Any, float]] = {
+    "MobileNetV2": (A.MobileNetV2, 0.78),
+    "EfficientNetB0": (A.EfficientNetB0, 0.88),
+    "ResNet50": (A.ResNet50, 0.95),
+}
+
+
+def interleaved(fns: list[Callable[[], Any]], reps: int) -> list[list[float]]:
+    """Time each of ``fns`` ``reps`` times; round ``i`` starts with ``fns[i % len(fns)]``."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(reps):
+        for k in range(len(fns)):
+            j = (i + k) % len(fns)
+            start = time.perf_counter()
+            fns[j]()
+            times[j].append(time.perf_counter() - start)
+    return times
+
+
+def without_batch_norm(model: Any) -> Any:
+    """The same layers (shared), every BatchNormalization replaced by a linear Activation."""
+
+    def clone(layer: Any) -> Any:
+        if is_batch_norm(layer):
+            return keras.layers.Activation("linear", name=layer.name)
+        return layer
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+# --- 1. predict at batch 1 -------------------------------------------------------------
+
+
+def bench_predict(name: str, size: int, reps: int) -> dict[str, Any]:
+    constructor, target = MODELS[name]
+    keras.backend.clear_session()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = constructor(weights=None, input_shape=(size, size, 3))
+    folded, report = bnfreeze.fold(model, return_report=True)
+    removed = without_batch_norm(model)
+    x = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
+    sides = [model, folded, removed]
+    for side in sides:  # trace and warm up
+        for _ in range(3):
+            side.predict_on_batch(x)
+    original_t, folded_t, removed_t = interleaved(
+        [lambda m=m: m.predict_on_batch(x) for m in sides], reps
+    )
+    return {
+        "target": target,
+        "folded_bn": len(report.folded),
+        "kept_bn": len(report.kept),
+        "median_original_s": statistics.median(original_t),
+        "folded": summary(folded_t, original_t),
+        "bn_removed": summary(removed_t, original_t),
+        "max_abs_difference": float(
+            np.abs(folded.predict_on_batch(x) - model.predict_on_batch(x)).max()
+        ),
+    }
+
+
+# --- 2. fold() wall time ----------------------------------------------------------------
+
+
+def bench_fold_time(size: int, reps: int) -> dict[str, Any]:
+    keras.backend.clear_session()
+    model = A.ResNet50(weights=None, input_shape=(size, size, 3))
+    bnfreeze.fold(model)  # warm up
+    keras.models.clone_model(model)
+    fold_t, clone_t = interleaved(
+        [lambda: bnfreeze.fold(model), lambda: keras.models.clone_model(model)], reps
+    )
+    return summary(fold_t, clone_t)
+
+
+# --- main ---------------------------------------------------------------------------
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        f"bnfreeze {bnfreeze.__version__} on {results['flavour']}, {results['size']}x"
+        f"{results['size']}, batch 1, {os.cpu_count()} CPUs, medians of interleaved "
+        "repetitions (ratio of medians; median pair ratio)",
+        "",
+        f"{'model':<16}{'original':>10}{'folded / original':>28}{'BN removed / original':>28}"
+        f"{'target':>9}  folded BN",
+    ]
+    for name, r in results.get("predict", {}).items():
+        f, b = r["folded"], r["bn_removed"]
+        lines.append(
+            f"{name:<16}{r['median_original_s'] * 1e3:>8.1f}ms"
+            f"{f['ratio_of_medians']:>19.3f} ({f['median_pair_ratio']:.3f})"
+            f"{b['ratio_of_medians']:>19.3f} ({b['median_pair_ratio']:.3f})"
+            f"{'<= ' + str(r['target']):>9}  {r['folded_bn']} folded, {r['kept_bn']} kept"
+            f" (max |difference| {r['max_abs_difference']:.1e})"
+        )
+    ft = results.get("fold_time")
+    if ft:
+        lines += [
+            "",
+            f"fold() on ResNet50 ({ft['reps']} reps each): {ft['median_a_s']:.2f} s "
+            f"(target < 2 s); clone_model {ft['median_b_s']:.2f} s; ratio "
+            f"{ft['ratio_of_medians']:.2f}",
+        ]
+    lines += ["", f"total {results['seconds']:.0f} s"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size", type=int, default=224, help="image size (default 224)")
+    parser.add_argument("--reps", type=int, default=30, help="predict repetitions per side")
+    parser.add_argument("--fold-reps", type=int, default=7, help="fold() repetitions")
+    parser.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="models"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results: dict[str, Any] = {
+        "flavour": flavour_label(),
+        "size": args.size,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "predict": {name: bench_predict(name, args.size, args.reps) for name in args.models},
+    }
+    if args.fold_reps:
+        results["fold_time"] = bench_fold_time(args.size, args.fold_reps)
+    results["seconds"] = time.perf_counter() - start
+    print(json.dumps(results, indent=2) if args.json else render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
