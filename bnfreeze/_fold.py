@@ -175,7 +175,7 @@ def _decide(
         return "shared-layer", f"the BatchNormalization is called {calls_of[id(bn)]} times"
     if call.kwargs.get("training") is True:
         return "called-with-training", "its call in the graph passes training=True"
-    (x,) = call.inputs
+    x = call.inputs[0]  # the BN's input; a `mask=` passed with it changes nothing at inference
     producer_call = producers.get(id(x))
     if producer_call is None:
         return "input-of-model", f"its input is an input of model {graph.model.name!r}"
@@ -236,7 +236,7 @@ def _plan(model: Any, paths: dict[int, str]) -> _Plan:
         uses = Counter(id(t) for call in graph.calls for t in call.inputs)
         uses.update(id(t) for t in tf.nest.flatten(symbolic_outputs(graph.graph)))
         for call in graph.calls:
-            if not is_batch_norm(call.layer) or len(call.inputs) != 1:
+            if not is_batch_norm(call.layer):
                 continue
             decision = _decide(call, producers, uses, calls_of, graph, paths)
             if isinstance(decision, _Fold):
