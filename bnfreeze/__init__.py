@@ -20,6 +20,8 @@ from bnfreeze._errors import (
     SelectionError,
     UnsupportedLayerError,
 )
+from bnfreeze._fold import fold
+from bnfreeze._fold_report import FoldReport
 from bnfreeze._freeze import freeze, unfreeze
 from bnfreeze._modes import MODE_NAMES as BN_MODES
 from bnfreeze._modes import BNMode
@@ -42,6 +44,7 @@ __all__ = [
     "DataError",
     "Finding",
     "FindingsError",
+    "FoldReport",
     "LayerDivergence",
     "LayerRecord",
     "ModeError",
@@ -53,6 +56,7 @@ __all__ = [
     "__version__",
     "audit",
     "compare_phases",
+    "fold",
     "freeze",
     "recalibrate",
     "unfreeze",

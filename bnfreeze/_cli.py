@@ -100,7 +100,24 @@ def _parser() -> argparse.ArgumentParser:
             "checked (off by default: loading it may need the custom losses and metrics)"
         ),
     )
+    _add_fold_parser(commands)
     return parser
+
+
+def _add_fold_parser(commands: Any) -> None:
+    fold = commands.add_parser(
+        "fold",
+        help="fold BatchNormalization into the layer before it and save the result",
+        description=(
+            "Load a .keras or .h5 model, fold every BatchNormalization that follows a "
+            "Dense or convolution layer into it (bnfreeze.fold), save the result to OUT "
+            "(.keras or .h5; it loads without bnfreeze) and print what was folded. Exit "
+            "status 2 when IN cannot be read or OUT has another suffix."
+        ),
+    )
+    fold.add_argument("path", metavar="IN", help="a .keras or .h5 model file")
+    fold.add_argument("output", metavar="OUT", help="where to save the folded model")
+    fold.add_argument("--json", action="store_true", help="print report.to_dict() as JSON")
 
 
 @contextlib.contextmanager
@@ -175,7 +192,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"audit": _cmd_audit, "demo": _cmd_demo}
+def _cmd_fold(args: argparse.Namespace) -> int:
+    import bnfreeze
+
+    if not args.output.lower().endswith(_MODEL_SUFFIXES):
+        raise InputError(
+            "ValueError",
+            f"Cannot write {args.output!r}: expected a file name ending in .keras or .h5 "
+            "(or .hdf5).",
+        )
+    model = _load(args.path, compile=False)
+    folded, report = bnfreeze.fold(model, return_report=True)
+    folded.save(args.output)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "output": args.output}, indent=2))
+    else:
+        print(f"{report}\n\nsaved to {args.output}")
+    return EXIT_OK
+
+
+_COMMANDS = {"audit": _cmd_audit, "demo": _cmd_demo, "fold": _cmd_fold}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

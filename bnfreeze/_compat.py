@@ -26,8 +26,10 @@ if IS_TF_KERAS:  # pragma: no cover - depends on the flavour under test
 
     _CUSTOM_NAMES: dict[Any, str] = _registration._GLOBAL_CUSTOM_NAMES
     from tf_keras.src.engine import base_layer_utils as _base_layer_utils
+    from tf_keras.src.engine.functional import Functional as _FUNCTIONAL
 else:
     import keras
+    from keras.src.models.functional import Functional as _FUNCTIONAL
     from keras.src.saving import object_registration as _registration
 
     _BNBase = keras.layers.BatchNormalization
@@ -57,13 +59,16 @@ __all__ = [
     "flavour_label",
     "forget_optimizer_children",
     "forward_state_variables",
+    "graph_calls",
     "graph_nodes",
     "has_compiled_loss",
     "is_foreign_keras_object",
     "keras",
+    "layer_graph",
     "learning_phase_default",
     "learning_rate_attribute",
     "recorded_training",
+    "recreating_live_layers",
     "register_serialized_name",
     "remove_recorded_training",
     "require_tensorflow_backend",
@@ -74,6 +79,7 @@ __all__ = [
     "stateless_scope",
     "strategy_of",
     "symbolic_inputs",
+    "symbolic_outputs",
     "tf_variable",
     "to_numpy",
     "trainer_forward",
@@ -419,6 +425,66 @@ def symbolic_inputs(model: Any) -> Any:
     if struct is None:
         struct = getattr(getattr(model, "_functional", None), "_inputs_struct", None)
     return struct
+
+
+def symbolic_outputs(model: Any) -> Any:
+    """The nested structure of symbolic output tensors of a functional model (or graph)."""
+    if IS_TF_KERAS:
+        return getattr(model, "_nested_outputs", None)
+    return getattr(model, "_outputs_struct", None)
+
+
+def layer_graph(model: Any) -> Any:
+    """The functional graph that ``model``'s call replays (``model`` itself, or a Keras 3
+    Sequential's inner functional), or ``None`` when its call is Python code: a subclassed
+    model, a functional subclass that overrides ``call``, a Sequential without a graph."""
+    if isinstance(model, keras.Sequential):
+        if type(model).call is not keras.Sequential.call:
+            return None
+        if IS_TF_KERAS:
+            return model if getattr(model, "_is_graph_network", False) else None
+        return getattr(model, "_functional", None)
+    if isinstance(model, _FUNCTIONAL) and type(model).call is _FUNCTIONAL.call:
+        return model
+    return None
+
+
+def graph_calls(
+    graph: Any,
+) -> list[tuple[Any, tuple[Any, ...], dict[str, Any], list[Any], list[Any]]]:
+    """Every layer call recorded in a functional ``graph`` (see :func:`layer_graph`), each
+    after the calls that produce its inputs: ``(layer, args, kwargs, inputs, outputs)``
+    with the symbolic tensors it consumes and produces as flat lists."""
+    import tensorflow as tf
+
+    calls = []
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            if node.is_input:
+                continue
+            if IS_TF_KERAS:
+                layer, args, kwargs = node.layer, node.call_args, node.call_kwargs
+                inputs = list(node.keras_inputs)
+            else:
+                layer, args, kwargs = node.operation, node.arguments.args, node.arguments.kwargs
+                inputs = list(node.arguments.keras_tensors)
+            calls.append((layer, tuple(args), dict(kwargs), inputs, tf.nest.flatten(node.outputs)))
+    return calls
+
+
+def recreating_live_layers() -> Any:
+    """A context for re-creating layers from the configs of live layers in memory.
+
+    Keras 3 refuses to deserialize a ``Lambda`` layer's Python lambda outside an unsafe
+    scope (a guard against code in untrusted files); a config taken from the caller's own
+    model in memory comes from no file, so the guard is lifted for the block. tf-keras
+    re-creates them anyway.
+    """
+    if IS_TF_KERAS:
+        return contextlib.nullcontext()
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    return SafeModeScope(False)
 
 
 def first_call_spec(model: Any) -> Any:

@@ -78,7 +78,7 @@ def test_version_names_package_and_flavour():
         (
             ("frobnicate",),
             "UsageError: argument COMMAND: invalid choice: 'frobnicate' "
-            "(choose from 'demo', 'audit'). See `bnfreeze --help`.",
+            "(choose from 'demo', 'audit', 'fold'). See `bnfreeze --help`.",
         ),
         (
             ("audit",),
