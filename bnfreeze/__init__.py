@@ -5,6 +5,7 @@
 ['adapt', 'affine', 'inference', 'train']
 """
 
+from bnfreeze import _startup  # noqa: F401  (first: the command's quiet TensorFlow import)
 from bnfreeze._audit import (
     AuditReport,
     Behaviour,
@@ -32,7 +33,7 @@ from bnfreeze._freeze import freeze, unfreeze
 from bnfreeze._modes import MODE_NAMES as BN_MODES
 from bnfreeze._modes import BNMode
 from bnfreeze._recalibrate import recalibrate
-from bnfreeze._select import up_to
+from bnfreeze._select import exclude, last, starting_at, up_to
 
 __version__ = "0.1.0"
 
@@ -59,8 +60,11 @@ __all__ = [
     "__version__",
     "audit",
     "compare_phases",
+    "exclude",
     "freeze",
+    "last",
     "recalibrate",
+    "starting_at",
     "unfreeze",
     "up_to",
 ]
