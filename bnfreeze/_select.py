@@ -257,11 +257,10 @@ def _target(sel: UpTo | StartingAt, nodes: list[Node], argument: str) -> Node:
     candidates = [units[run[-1] if end else run[0]].path for run in runs]
     listed = ", ".join(repr(c) for c in candidates[:6])
     more = f", ... ({len(candidates)} in all)" if len(candidates) > 6 else ""
-    return_what = "last" if end else "first"
     raise SelectionError(
         f"`{argument}` selector {sel!r} is ambiguous: no layer is named {name!r}, and the "
-        f"layers whose names start with it are not one block but {len(runs)} runs "
-        f"apart from each other. It could mean the {return_what} layer of any of them: "
+        f"layers whose names start with it form {len(runs)} separate groups, not one block. "
+        f"It could mean the {'last' if end else 'first'} layer of any of them: "
         f"{listed}{more}. Pass one of these names, or a longer prefix."
     )
 
@@ -326,7 +325,8 @@ def select(nodes: list[Node], selector: Selector, *, argument: str = "layers") -
         if not items:
             raise SelectionError(
                 f"`{argument}` is an empty {type(selector).__name__}. Expected None (the whole "
-                f"model), {_KINDS}, or a non-empty list of these."
+                "model), a glob pattern, a layer, a predicate, up_to(name), starting_at(name), "
+                "last(n), exclude(...), or a non-empty list."
             )
     else:
         items = [selector]

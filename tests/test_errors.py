@@ -95,7 +95,8 @@ def test_selector_matches_nothing_names_close_paths() -> None:
     assert str(info.value) == (
         "`layers` selector 'middle/inner/bn_iner' matched no layer of the model. Expected a "
         "glob pattern over layer paths such as 'outer/inner/layer' (use '*/name' to match at "
-        "any depth), a layer of this model, a predicate, or bnfreeze.up_to(name). "
+        "any depth), a layer of this model, a predicate, bnfreeze.up_to(name), "
+        "bnfreeze.starting_at(name), bnfreeze.last(n) or bnfreeze.exclude(...). "
         "Closest layer paths: 'middle/inner/bn_inner', 'middle/inner/d_inner', 'middle/inner'."
     )
     _assert_unchanged(model, before)
@@ -107,8 +108,10 @@ def test_bad_selector_type() -> None:
     with pytest.raises(bnfreeze.SelectionError) as info:
         bnfreeze.freeze(model, 3)
     assert str(info.value) == (
-        "Expected each `layers` selector to be a glob pattern (str), a Keras layer, a "
-        "callable(layer) -> bool or bnfreeze.up_to(name). Received: int 3."
+        "Expected each `layers` selector to be a glob pattern over layer paths such as "
+        "'outer/inner/layer' (use '*/name' to match at any depth), a layer of this model, a "
+        "predicate, bnfreeze.up_to(name), bnfreeze.starting_at(name), bnfreeze.last(n) or "
+        "bnfreeze.exclude(...). Received: int 3."
     )
 
 
