@@ -26,6 +26,8 @@ is 7x7 on 224x224), and trains in seconds. See ``docs/index.md`` for measured fi
 from __future__ import annotations
 
 import math
+import posixpath
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -370,7 +372,10 @@ def render(result: DemoResult) -> str:
             f"{r.case:<{width}}  {r.fit_loss:>9.4f}  {r.evaluate_loss:>13.4f}  "
             f"{'yes' if r.match else 'NO':<6}  {r.bn_statistics_in_fit}"
         )
-    lines += ["", *_conclusions(result.rows), ""]
+    lines.append("")
+    for conclusion in _conclusions(result.rows):
+        lines += textwrap.wrap(conclusion, width=100, subsequent_indent="  ")
+    lines.append("")
     for title, report in (
         ("guide pattern, base unfrozen", result.audit_before),
         ("after bnfreeze.freeze(base)", result.audit_after),
@@ -400,16 +405,24 @@ def _conclusions(rows: list[Row]) -> list[str]:
 
 
 def _audit_summary(report: Any) -> list[str]:
-    """A few lines for an `AuditReport`: rows that behave alike counted together, then one
-    line per finding (its severity, code and place; the full text is in ``--json``)."""
-    groups: dict[tuple[str, ...], int] = {}
+    """A few lines for an `AuditReport`: rows that behave alike counted together under
+    their common path, then one line per finding (severity, code and place; the full text
+    is in ``--json`` and in ``bnfreeze audit``)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
     for r in report.rows:
-        key = (r.class_name, r.bn_mode or "-", str(r.fit), str(r.evaluate), str(r.predict))
-        groups[key] = groups.get(key, 0) + 1
-    lines = [
-        f"  {count} x {cls} (bn_mode {mode}): fit {fit}, evaluate {evaluate}, predict {predict}"
-        for (cls, mode, fit, evaluate, predict), count in groups.items()
-    ]
+        key = (r.class_name, r.bn_mode or "", str(r.fit), str(r.evaluate), str(r.predict))
+        groups.setdefault(key, []).append(r.path)
+    lines = []
+    for (cls, mode, fit, evaluate, predict), paths in groups.items():
+        parent = posixpath.commonpath([posixpath.dirname(p) for p in paths])
+        where = f" in {parent}/" if parent else ""
+        pinned = f" (bn_mode {mode})" if mode else ""
+        after = (
+            f"evaluate and predict {evaluate}"
+            if evaluate == predict
+            else (f"evaluate {evaluate}, predict {predict}")
+        )
+        lines.append(f"  {len(paths)} x {cls}{where}{pinned}: fit {fit}, {after}")
     for f in report.findings:
         where = f" at {f.path!r}" if f.path else ""
         lines.append(f"  [{f.severity}] {f.code}{where}")

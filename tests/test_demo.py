@@ -219,8 +219,8 @@ def test_render_is_short_and_shows_the_measured_rows(quick_run):
     assert ("keras-team/keras#20285" in text) is (not HONOURS_GRAPH_TRAINING)
     count = quick_run.batch_norm_layers
     assert (
-        f"  {count} x BatchNormalization (bn_mode inference): fit inference, evaluate "
-        "inference, predict inference"
+        f"  {count} x BatchNormalization in {quick_run.model}/ (bn_mode inference): "
+        "fit inference, evaluate and predict inference"
     ) in lines
     findings = [f"  [{f.severity}] {f.code} at {f.path!r}" for f in quick_run.audit_before.findings]
     for finding in findings:
