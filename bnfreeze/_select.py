@@ -100,7 +100,7 @@ def up_to(name: str) -> UpTo:
 
     ``name`` is a layer path, a layer name (when unique), or the prefix of a block's layer
     names (``"conv4"``, ``"block6"``): then up to that block's last layer. The usual
-    "freeze the backbone up to block 4". See [selectors](guide-freezing.md#selectors).
+    "freeze the backbone up to block 4". See [selectors](quickstart.md#choose-the-layers).
 
     Args:
         name: The last layer to include, or the block that ends the selection.
@@ -131,15 +131,17 @@ def starting_at(name: str) -> StartingAt:
         name: The first layer to include, or the block that starts the selection.
 
     Returns:
-        A selector for ``layers=`` of [`bnfreeze.freeze`][] and friends.
+        The selector, for ``layers=`` of [`bnfreeze.unfreeze`][] (fine-tune from a stage
+        on), [`bnfreeze.freeze`][] or [`bnfreeze.recalibrate`][].
 
     Raises:
-        SelectionError: ``name`` is not a non-empty string.
+        SelectionError: ``name`` is not a non-empty string (a name that matches no layer
+            is reported when the selector is used).
 
     Examples:
         >>> import bnfreeze
-        >>> bnfreeze.starting_at("conv5")
-        starting_at('conv5')
+        >>> [bnfreeze.up_to("conv4"), bnfreeze.starting_at("conv5")]  # all of ResNet50
+        [up_to('conv4'), starting_at('conv5')]
     """
     _check_name(name, "starting_at")
     return StartingAt(name)
