@@ -215,9 +215,10 @@ def quiet_start() -> None:
     """In the ``bnfreeze`` command, import Keras and TensorFlow with their start-up logging
     below ``TF_CPP_MIN_LOG_LEVEL`` (3 unless the user set it) kept off stderr.
 
-    ``bnfreeze/__init__.py`` calls it before anything imports TensorFlow (the console
-    script and ``python -m`` import the package before running ``main``). Elsewhere, with
-    ``-v``/``--verbose``, or once TensorFlow is imported, it does nothing.
+    ``bnfreeze._startup``, the first module ``bnfreeze/__init__.py`` imports, calls it
+    before anything imports TensorFlow (the console script and ``python -m`` import the
+    package before running ``main``). Elsewhere, with ``-v``/``--verbose``, or once
+    TensorFlow is imported, it does nothing.
     """
     if not _is_the_command() or _wants_verbose(sys.argv[1:]) or "tensorflow" in sys.modules:
         return
