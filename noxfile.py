@@ -21,7 +21,7 @@ import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "docs", "tests"]
+nox.options.sessions = ["lint", "docs", "tests", "backends"]
 
 TF = "tensorflow-cpu==2.21.0"
 KERAS_NIGHTLY = "keras-nightly==3.16.0.dev2026102704"
@@ -69,6 +69,15 @@ def tests(session: nox.Session, flavour: str) -> None:
     if flavour == "keras-3.15" and not args:
         args = ["--doctest-modules", "bnfreeze", "tests"]
     session.run("pytest", *args, env=env)
+
+
+@nox.session(python="3.11")
+def backends(session: nox.Session) -> None:
+    """freeze/unfreeze on Keras 3's numpy and JAX backends, and the BackendError of the
+    functions that need TensorFlow (keras 3.15; the numpy backend imports scipy)."""
+    env = _install_flavour(session, "keras-3.15")
+    session.install("scipy", "jax[cpu]")
+    session.run("pytest", "tests/test_backends.py", *session.posargs, env=env)
 
 
 @nox.session(python="3.11")

@@ -5,6 +5,7 @@
 ['adapt', 'affine', 'inference', 'train']
 """
 
+from bnfreeze import _startup  # noqa: F401  (first: the command's quiet TensorFlow import)
 from bnfreeze import callbacks as callbacks
 from bnfreeze._audit import audit
 from bnfreeze._errors import (
@@ -28,7 +29,7 @@ from bnfreeze._modes import BNMode
 from bnfreeze._phases import LayerDivergence, PhaseComparison, compare_phases
 from bnfreeze._recalibrate import recalibrate
 from bnfreeze._report import AuditReport, Behaviour, Finding, LayerRecord
-from bnfreeze._select import up_to
+from bnfreeze._select import exclude, last, starting_at, up_to
 
 __version__ = "0.1.0"
 
@@ -56,9 +57,12 @@ __all__ = [
     "__version__",
     "audit",
     "compare_phases",
+    "exclude",
     "fold",
     "freeze",
+    "last",
     "recalibrate",
+    "starting_at",
     "unfreeze",
     "up_to",
 ]

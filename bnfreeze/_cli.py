@@ -1,9 +1,15 @@
 """The ``bnfreeze`` command: a thin layer over the public API.
 
-``bnfreeze demo`` runs the "evaluate says 0.30, fit says 5.3" experiment on ResNet50;
-``bnfreeze audit PATH`` audits a saved ``.keras`` or ``.h5`` model. Output is a plain
-table (no colour, so NO_COLOR and non-TTY output need nothing special), ``--json`` prints
-one JSON document for machines, and errors are one line ``ErrorName: message`` on stderr.
+``bnfreeze demo`` runs the "evaluate says 0.30, fit says 5.3" experiment on a ResNet it
+trains itself; ``bnfreeze audit PATH`` audits a saved ``.keras`` or ``.h5`` model. Output
+is a plain table (no colour, so NO_COLOR and non-TTY output need nothing special),
+``--json`` prints one JSON document for machines, and errors are one line
+``ErrorName: message`` on stderr.
+
+stderr holds only the command's own messages: TensorFlow's start-up logging (the oneDNN
+notice, CUDA driver messages, absl's warning) is held back while TensorFlow is imported
+and shown only at or above the level ``TF_CPP_MIN_LOG_LEVEL`` asks for (``3``, fatal
+only, when it is unset); ``-v``/``--verbose`` lets everything through untouched.
 
 Exit status: 0 success; 1 the audit has findings of the ``--fail-on`` severity or worse
 (default ``error``); 2 bad usage or unreadable input.
@@ -16,7 +22,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -50,27 +59,59 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_ERROR)
 
 
+class _Version(argparse.Action):
+    """``--version``: names the Keras flavour, so it is computed only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="show bnfreeze's version and the Keras flavour it runs on, and exit",
+        )
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        print(_version())
+        raise SystemExit(EXIT_OK)
+
+
+def _verbose_option(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="let TensorFlow's own logging through to stderr",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bnfreeze",
         description="Freeze Keras BatchNormalization layers so fit, evaluate and predict agree.",
     )
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_Version)
+    _verbose_option(parser, default=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
     demo = commands.add_parser(
         "demo",
-        help="show evaluate-vs-fit loss on ResNet50 before and after bnfreeze.freeze",
+        help="train a ResNet, then show evaluate-vs-fit loss before and after bnfreeze.freeze",
         description=(
-            "Run the original experiment end to end on ResNet50 (weights=None, BN "
-            "statistics calibrated on generated images; nothing is downloaded): the loss "
-            "fit reports on one image versus evaluate's, for the transfer-learning guide "
+            "Train a ResNet made of ResNet50's blocks on generated images of shapes "
+            "(nothing is downloaded), then run the original experiment on one new image: "
+            "the loss fit reports versus evaluate's, for the transfer-learning guide "
             "pattern as users write it and after bnfreeze.freeze."
         ),
     )
-    demo.add_argument("--quick", action="store_true", help="a small model instead of ResNet50")
+    demo.add_argument("--quick", action="store_true", help="a smaller ResNet and images")
     demo.add_argument("--json", action="store_true", help="print one JSON document")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the data, weights and image (default 0)"
+    )
+    _verbose_option(demo, default=argparse.SUPPRESS)
 
     audit = commands.add_parser(
         "audit",
@@ -101,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     _add_fold_parser(commands)
+    for command in commands.choices.values():
+        if command is not demo:
+            _verbose_option(command, default=argparse.SUPPRESS)
     return parser
 
 
@@ -120,16 +164,113 @@ def _add_fold_parser(commands: Any) -> None:
     fold.add_argument("--json", action="store_true", help="print report.to_dict() as JSON")
 
 
+def _wants_verbose(argv: Sequence[str]) -> bool:
+    """``-v``/``--verbose`` anywhere before ``--`` (known before TensorFlow is imported)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg in ("-v", "--verbose"):
+            return True
+    return False
+
+
+#: glog/absl severities, as TF_CPP_MIN_LOG_LEVEL counts them.
+_SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
+_LOG_LINE = re.compile(r"([IWEF])\d{4} |(WARNING|ERROR|FATAL)[: ]")
+
+
+def _log_level() -> int:
+    """TF_CPP_MIN_LOG_LEVEL as TensorFlow reads it (0-3); 3 when unset or unreadable."""
+    try:
+        return min(max(int(os.environ["TF_CPP_MIN_LOG_LEVEL"]), 0), 3)
+    except (KeyError, ValueError):
+        return 3
+
+
+def _at_level(text: str, level: int) -> str:
+    """The lines of TensorFlow's import-time logging at or above ``level``.
+
+    A line that opens a message (``I0000 ...``, ``W0000 ...``, ``WARNING: ...``) sets the
+    severity of the lines that continue it; text before any such line counts as a warning.
+    """
+    kept: list[str] = []
+    severity = 1
+    for line in text.splitlines(keepends=True):
+        match = _LOG_LINE.match(line)
+        if match:
+            severity = _SEVERITY[(match.group(1) or match.group(2))[0]]
+        if severity >= level:
+            kept.append(line)
+    return "".join(kept)
+
+
 @contextlib.contextmanager
-def _quiet_tensorflow() -> Iterator[None]:
-    """Keep TensorFlow's Python-side retracing warnings out of a command's output."""
-    logger = logging.getLogger("tensorflow")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _stderr_captured(into: list[str]) -> Iterator[None]:
+    """Send file descriptor 2 to a temporary file (C++ libraries write there directly);
+    on exit restore it and append what was written to ``into``."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2: nothing to keep clean
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                into.append(tmp.read().decode("utf-8", "replace"))
+    finally:
+        os.close(saved)
+
+
+def _is_the_command() -> bool:
+    """True in the process of the ``bnfreeze`` console script or of ``python -m bnfreeze``."""
+    original = list(getattr(sys, "orig_argv", []))
+    if "-m" in original and original[original.index("-m") + 1 :][:1] == ["bnfreeze"]:
+        return True
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return script in ("bnfreeze", "bnfreeze.exe", "bnfreeze-script.py")
+
+
+def quiet_start() -> None:
+    """In the ``bnfreeze`` command, import Keras and TensorFlow with their start-up logging
+    below ``TF_CPP_MIN_LOG_LEVEL`` (3 unless the user set it) kept off stderr.
+
+    ``bnfreeze._startup``, the first module ``bnfreeze/__init__.py`` imports, calls it
+    before anything imports TensorFlow (the console script and ``python -m`` import the
+    package before running ``main``). Elsewhere, with ``-v``/``--verbose``, or once
+    TensorFlow is imported, it does nothing.
+    """
+    if not _is_the_command() or _wants_verbose(sys.argv[1:]) or "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    captured: list[str] = []
+    try:
+        with _stderr_captured(captured):
+            import bnfreeze._compat  # noqa: F401  (Keras, and TensorFlow with it)
+    finally:
+        sys.stderr.write(_at_level("".join(captured), _log_level()))
+
+
+@contextlib.contextmanager
+def _quiet_loggers(verbose: bool) -> Iterator[None]:
+    """Keep TensorFlow's and absl's Python-side warnings (retracing, "No training
+    configuration found") out of a command's output, unless ``verbose``."""
+    loggers = [] if verbose else [logging.getLogger(name) for name in ("tensorflow", "absl")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _load(path: str, *, compile: bool) -> Any:
@@ -151,6 +292,7 @@ def _load(path: str, *, compile: bool) -> Any:
             "ValueError",
             f"Cannot read {path!r}: expected a file whose name ends in .keras or .h5 (or .hdf5).",
         )
+    _check_model_file(path)
     try:
         model = keras.models.load_model(path, compile=compile)
     except Exception as error:  # whatever the loader raises, the input is unusable
@@ -163,6 +305,50 @@ def _load(path: str, *, compile: bool) -> Any:
             "TypeError", f"{path!r} holds a {type(model).__name__}, not a Keras model."
         )
     return model
+
+
+#: The HDF5 signature, at offset 0 or at 512, 1024, 2048, ... after a user block.
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_hdf5(path: str) -> bool:
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        offset = 0
+        while offset + len(_HDF5_SIGNATURE) <= size:
+            file.seek(offset)
+            if file.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                return True
+            offset = 512 if offset == 0 else offset * 2
+    return False
+
+
+def _check_model_file(path: str) -> None:
+    """Call an empty file, or one that is neither a ``.keras`` zip archive (with its
+    config.json) nor HDF5 (``.h5``), corrupt: Keras reports a ``.keras`` one as "File not
+    found"."""
+    if os.path.getsize(path) == 0:
+        raise InputError(
+            "CorruptFileError",
+            f"{path!r} is empty (0 bytes), so it holds no model. Expected a .keras or .h5 "
+            "model file written by model.save().",
+        )
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                raise InputError(
+                    "CorruptFileError",
+                    f"{path!r} is corrupt: it is a zip archive, as a .keras file is, but "
+                    "without the config.json every .keras file holds. Expected a .keras "
+                    "or .h5 model file written by model.save().",
+                )
+    elif not _is_hdf5(path):
+        raise InputError(
+            "CorruptFileError",
+            f"{path!r} is corrupt: it is neither a zip archive (the .keras format) nor an "
+            "HDF5 file (the .h5 format), so it is truncated, damaged or not a model file. "
+            "Expected a .keras or .h5 model file written by model.save().",
+        )
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -184,7 +370,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bnfreeze import _demo
 
-    result = _demo.run(quick=args.quick)
+    result = _demo.run(quick=args.quick, seed=args.seed)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -221,10 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["audit", "no-such-model.keras"])  # prints a one-line error on stderr
         2
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    verbose = _wants_verbose(arguments)
+    args = _parser().parse_args(arguments)
     try:
-        with _quiet_tensorflow():
+        with _quiet_loggers(verbose):
             return _COMMANDS[args.command](args)
     except InputError as error:
         print(f"{error.name}: {error}", file=sys.stderr)

@@ -105,11 +105,11 @@ def recalibrate(
         raise ArgumentError(
             f"Expected `upstream` to be one of {UPSTREAM_VALUES}. Received: upstream={upstream!r}."
         )
-    batch_size = _check_count(batch_size, "batch_size")
-    steps = _check_count(steps, "steps")
+    batch_size = check_count(batch_size, "batch_size")
+    steps = check_count(steps, "steps")
     verbose_level = _check_verbose(verbose)
     nodes = walk(model)
-    targets = _targets(nodes, layers)
+    targets = selected_batch_norms(nodes, layers)
     source = open_source(data, batch_size=batch_size, steps=steps, model=model)
     one_batch = source.target() == 1
     if one_batch:
@@ -134,7 +134,7 @@ def recalibrate(
 # --- argument checks ------------------------------------------------------------------
 
 
-def _check_count(value: Any, name: str) -> int | None:
+def check_count(value: Any, name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -152,7 +152,7 @@ def _check_verbose(value: Any) -> int:
     raise ArgumentError(f"Expected `verbose` to be 'auto', 0, 1 or 2. Received: verbose={value!r}.")
 
 
-def _targets(nodes: list[Node], layers: Selector) -> list[Node]:
+def selected_batch_norms(nodes: list[Node], layers: Selector) -> list[Node]:
     selected = select(nodes, layers)
     targets = [n for n in selected if is_batch_norm(n.layer)]
     if not targets:

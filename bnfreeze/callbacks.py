@@ -32,7 +32,13 @@ from bnfreeze._optim import (
     refusal,
     scale_learning_rate,
 )
-from bnfreeze._recalibrate import UPSTREAM_VALUES, Upstream, _check_count, _targets, recalibrate
+from bnfreeze._recalibrate import (
+    UPSTREAM_VALUES,
+    Upstream,
+    check_count,
+    recalibrate,
+    selected_batch_norms,
+)
 from bnfreeze._select import Selector, select
 from bnfreeze._walk import check_model, walk
 
@@ -268,8 +274,8 @@ class PreciseBN(_Callback):  # type: ignore[misc]
             )
         self.data = data
         self.every = every
-        self.steps = _check_count(steps, "steps")
-        self.batch_size = _check_count(batch_size, "batch_size")
+        self.steps = check_count(steps, "steps")
+        self.batch_size = check_count(batch_size, "batch_size")
         self.layers = layers
         self.upstream = upstream
         self._in_fit = False
@@ -281,7 +287,7 @@ class PreciseBN(_Callback):  # type: ignore[misc]
         """Check that ``layers`` selects BN layers of ``model``."""
         check_model(model, function="PreciseBN")
         require_tensorflow_backend("PreciseBN")
-        _targets(walk(model), self.layers)
+        selected_batch_norms(walk(model), self.layers)
         super().set_model(model)
 
     def on_train_begin(self, logs: Any = None) -> None:

@@ -1,27 +1,23 @@
-"""The command line: ``python -m bnfreeze`` run in a subprocess with this flavour's python.
-
-The demo's pieces (generated images, BN calibration, head training, the fit/evaluate
-measurement) are also checked in-process against independent references: numpy moments
-of each BN's inputs, Keras's own ``evaluate``, and the moving statistics themselves.
-"""
+"""The command line, run as users run it: the installed `bnfreeze` console script in a
+subprocess, with its stdout and stderr compared exactly; usage errors and the audit's
+output through `main` in-process. The demo's pieces are tested in test_demo.py."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import zipfile
 from typing import Any
 
-import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze import _demo
 from bnfreeze._cli import main
 from bnfreeze._compat import HONOURS_GRAPH_TRAINING, flavour_label, keras
-from tests.helpers import snapshot, to_numpy
 
 ROWS = (
     "guide pattern, base frozen (first stage)",
@@ -29,42 +25,73 @@ ROWS = (
     "after bnfreeze.freeze(base)",
     "after bnfreeze.freeze(base), then base.trainable = True",
 )
-HAS_AUDIT = hasattr(bnfreeze, "audit")
-needs_audit = pytest.mark.skipif(not HAS_AUDIT, reason="bnfreeze.audit is not written yet")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "bnfreeze")
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python -m bnfreeze *args`` with the flavour's interpreter and environment."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _env(**changes: str | None) -> dict[str, str]:
+    """This flavour's environment with this checkout first on the path and, unless a test
+    sets it, no TF_CPP_MIN_LOG_LEVEL (the test suite sets one; users mostly do not)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def run_cli(
+    *args: str, timeout: float = 300, **env: str | None
+) -> subprocess.CompletedProcess[str]:
+    """The installed `bnfreeze` console script (as `pip install .` makes it), run on this
+    checkout with this flavour's interpreter."""
+    assert os.path.exists(SCRIPT), f"no console script at {SCRIPT}: install the package"
     return subprocess.run(
-        [sys.executable, "-m", "bnfreeze", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
+        [SCRIPT, *args], capture_output=True, text=True, env=_env(**env), timeout=timeout
     )
 
 
-def error_line(stderr: str) -> str:
-    """The CLI's own error line (TensorFlow may log to stderr at import, before it)."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert lines, "nothing on stderr"
-    return lines[-1]
+def _normalised(stderr: str) -> list[str]:
+    """TensorFlow's log lines without their timestamp and thread id."""
+    return [re.sub(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ", r"\1 ", line) for line in stderr.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tensorflow_start_up_logging() -> list[str]:
+    """What importing bnfreeze (and TensorFlow) prints on stderr outside the command, with
+    no TF_CPP_MIN_LOG_LEVEL set: the reference for what the command keeps back."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import bnfreeze"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        check=True,
+    )
+    return _normalised(result.stderr)
 
 
 # --- general ------------------------------------------------------------------------
 
 
 def test_version_names_package_and_flavour():
-    """`--version` prints bnfreeze's version and the Keras flavour it runs on, exit 0."""
+    """`bnfreeze --version` prints bnfreeze's version and the Keras flavour it runs on,
+    exit 0, and nothing on stderr; `python -m bnfreeze` is the same command."""
+    expected = f"bnfreeze {bnfreeze.__version__} ({flavour_label()})\n"
+    assert keras.__version__ in expected
     result = run_cli("--version")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"bnfreeze {bnfreeze.__version__} ({flavour_label()})"
-    assert keras.__version__ in result.stdout
+    assert (result.returncode, result.stdout, result.stderr) == (0, expected, "")
+    module = subprocess.run(
+        [sys.executable, "-m", "bnfreeze", "--version"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert (module.returncode, module.stdout, module.stderr) == (0, expected, "")
 
 
 @pytest.mark.parametrize(
@@ -84,8 +111,12 @@ def test_version_names_package_and_flavour():
             ("audit",),
             "UsageError: the following arguments are required: PATH. See `bnfreeze audit --help`.",
         ),
+        (
+            ("demo", "--seed", "x"),
+            "UsageError: argument --seed: invalid int value: 'x'. See `bnfreeze demo --help`.",
+        ),
     ],
-    ids=["no-command", "unknown-option", "unknown-command", "audit-without-path"],
+    ids=["no-command", "unknown-option", "unknown-command", "audit-without-path", "bad-seed"],
 )
 def test_usage_errors_are_one_line_exit_2(capsys, args, expected):
     """Bad usage (in-process `main`): SystemExit(2) and exactly one line on stderr."""
@@ -97,21 +128,164 @@ def test_usage_errors_are_one_line_exit_2(capsys, args, expected):
     assert captured.err == expected + "\n"
 
 
+# --- stderr holds only our own messages --------------------------------------------------
+
+
+def _garbage(tmp_path: Any, name: str) -> str:
+    path = tmp_path / name
+    path.write_bytes(b"this is not a model\n" * 10)
+    return str(path)
+
+
+def _empty(tmp_path: Any, name: str) -> str:
+    path = tmp_path / name
+    path.write_bytes(b"")
+    return str(path)
+
+
+def _truncated(tmp_path: Any, name: str) -> str:
+    whole = tmp_path / f"whole_{name}"
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(str(whole))
+    data = whole.read_bytes()
+    path = tmp_path / name
+    path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+def _zip_without_config(tmp_path: Any, name: str) -> str:
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "not a model")
+    return str(path)
+
+
+CORRUPT = (
+    "CorruptFileError: '{path}' is corrupt: it is neither a zip archive (the .keras format) "
+    "nor an HDF5 file (the .h5 format), so it is truncated, damaged or not a model file. "
+    "Expected a .keras or .h5 model file written by model.save()."
+)
+EMPTY = (
+    "CorruptFileError: '{path}' is empty (0 bytes), so it holds no model. Expected a .keras "
+    "or .h5 model file written by model.save()."
+)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (
+            lambda p: str(p / "missing.keras"),
+            "FileNotFoundError: No such file: '{path}'. Expected a .keras or .h5 model file.",
+        ),
+        (
+            lambda p: str(p),
+            "IsADirectoryError: '{path}' is a directory. Expected a .keras or .h5 model file "
+            "(to audit a SavedModel directory, load it in Python and call bnfreeze.audit).",
+        ),
+        (
+            lambda p: _garbage(p, "notes.txt"),
+            "ValueError: Cannot read '{path}': expected a file whose name ends in .keras or "
+            ".h5 (or .hdf5).",
+        ),
+        (lambda p: _empty(p, "empty.keras"), EMPTY),
+        (lambda p: _empty(p, "empty.h5"), EMPTY),
+        (lambda p: _garbage(p, "garbage.keras"), CORRUPT),
+        (lambda p: _garbage(p, "garbage.h5"), CORRUPT),
+        (lambda p: _truncated(p, "truncated.keras"), CORRUPT),
+        (
+            lambda p: _zip_without_config(p, "archive.keras"),
+            "CorruptFileError: '{path}' is corrupt: it is a zip archive, as a .keras file is, "
+            "but without the config.json every .keras file holds. Expected a .keras or .h5 "
+            "model file written by model.save().",
+        ),
+    ],
+    ids=[
+        "missing",
+        "directory",
+        "wrong-suffix",
+        "empty-keras",
+        "empty-h5",
+        "garbage-keras",
+        "garbage-h5",
+        "truncated-keras",
+        "zip-without-config",
+    ],
+)
+def test_unreadable_input_is_one_line_on_a_quiet_stderr(tmp_path, make, expected):
+    """`bnfreeze audit` on input it cannot read: exit 2, nothing on stdout, and stderr is
+    exactly one line `ErrorName: message` (TensorFlow's start-up logging kept back); a
+    corrupt or empty file is called corrupt, not "File not found" as Keras says."""
+    path = make(tmp_path)
+    result = run_cli("audit", path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == expected.format(path=path) + "\n"
+
+
+def test_a_model_that_fails_to_load_is_one_line(tmp_path):
+    """A file whose format is right but whose content Keras refuses: one line naming the
+    path and Keras's reason."""
+    path = tmp_path / "model.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", "{not json")
+    result = run_cli("audit", str(path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n")
+    name, _, message = result.stderr.rstrip("\n").partition(": ")
+    assert name.isidentifier() and name[0].isupper(), result.stderr
+    assert message.startswith(f"Cannot load '{path}' as a Keras model: "), result.stderr
+
+
+@pytest.mark.parametrize("flag", ["-v", "--verbose"])
+def test_verbose_lets_tensorflow_logging_through(tmp_path, flag, tensorflow_start_up_logging):
+    """With -v/--verbose (before or after the command) stderr holds TensorFlow's start-up
+    logging, as importing bnfreeze elsewhere prints it, then the command's own line."""
+    missing = str(tmp_path / "missing.keras")
+    line = f"FileNotFoundError: No such file: '{missing}'. Expected a .keras or .h5 model file."
+    for args in ((flag, "audit", missing), ("audit", flag, missing)):
+        result = run_cli(*args)
+        assert result.returncode == 2
+        assert _normalised(result.stderr) == [*tensorflow_start_up_logging, line], args
+
+
+@pytest.mark.parametrize("level", ["0", "3"])
+def test_a_log_level_set_by_the_user_wins(tmp_path, level, tensorflow_start_up_logging):
+    """TF_CPP_MIN_LOG_LEVEL set by the user decides what of TensorFlow's start-up logging
+    shows: everything at 0, nothing (no fatal line) at 3."""
+    missing = str(tmp_path / "missing.keras")
+    line = f"FileNotFoundError: No such file: '{missing}'. Expected a .keras or .h5 model file."
+    reference = subprocess.run(
+        [sys.executable, "-c", "import bnfreeze"],
+        capture_output=True,
+        text=True,
+        env=_env(TF_CPP_MIN_LOG_LEVEL=level),
+        timeout=300,
+        check=True,
+    )
+    result = run_cli("audit", missing, TF_CPP_MIN_LOG_LEVEL=level)
+    assert result.returncode == 2
+    expected = [*_normalised(reference.stderr), line] if level == "0" else [line]
+    assert _normalised(result.stderr) == expected
+
+
 # --- demo ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def demo_json() -> dict[str, Any]:
+    """`bnfreeze demo --quick --json`: exit 0, nothing on stderr, one JSON document."""
     result = run_cli("demo", "--quick", "--json")
-    assert result.returncode == 0, result.stderr
+    assert (result.returncode, result.stderr) == (0, "")
     return json.loads(result.stdout)
 
 
 def test_demo_json_rows_are_the_four_cases(demo_json):
-    """`demo --quick --json` is one JSON document with the four cases, in order."""
+    """`demo --quick --json` is one JSON document with the four cases, in order, and
+    what the demo trained."""
     assert demo_json["flavour"] == flavour_label()
+    assert demo_json["seed"] == 0
     assert [row["case"] for row in demo_json["rows"]] == list(ROWS)
     assert demo_json["batch_norm_layers"] == 5
+    assert demo_json["training_steps"] == 120
     assert demo_json["seconds"] > 0
 
 
@@ -132,7 +306,8 @@ def test_demo_json_losses_are_consistent(demo_json):
 
 def test_demo_json_shows_the_bug_and_the_fix(demo_json):
     """On keras 3.15 the guide pattern uses batch statistics in fit once the base is
-    unfrozen (keras-team/keras#20285); after bnfreeze.freeze fit and evaluate agree."""
+    unfrozen (keras-team/keras#20285) and fit's loss is higher than evaluate's; after
+    bnfreeze.freeze fit and evaluate agree."""
     rows = {row["case"]: row for row in demo_json["rows"]}
     assert rows[ROWS[0]]["match"] is True
     unfrozen = rows[ROWS[1]]
@@ -142,139 +317,21 @@ def test_demo_json_shows_the_bug_and_the_fix(demo_json):
     else:
         assert unfrozen["match"] is False
         assert unfrozen["bn_statistics_in_fit"] == "batch"
-        assert abs(unfrozen["fit_loss"] - unfrozen["evaluate_loss"]) > 1e-3
+        assert unfrozen["fit_loss"] > unfrozen["evaluate_loss"] + 1e-3
     for case in ROWS[2:]:
         assert rows[case]["match"] is True
         assert rows[case]["bn_statistics_in_fit"] == "moving"
 
 
-def test_demo_json_audit_present_iff_audit_exists(demo_json):
-    """The demo shows the audit before and after freeze exactly when bnfreeze.audit exists."""
-    assert (demo_json["audit_before"] is not None) is HAS_AUDIT
-    assert (demo_json["audit_after"] is not None) is HAS_AUDIT
-    if HAS_AUDIT:
-        # The audit agrees with the measured losses: a finding before freeze wherever
-        # fit used batch statistics, none after freeze (the model recompiled).
-        unfrozen = demo_json["rows"][1]
-        if unfrozen["bn_statistics_in_fit"] == "batch":
-            assert demo_json["audit_before"]["findings"]
-        assert demo_json["audit_after"]["findings"] == []
-        assert len(demo_json["audit_after"]["rows"]) == demo_json["batch_norm_layers"]
-
-
-def test_demo_human_table(capsys, demo_json):
-    """Without --json the demo (in-process `main`) prints a table: a header and one line
-    per case with the same numbers as the subprocess's --json (the run is seeded)."""
-    assert main(["demo", "--quick"]) == 0
-    stdout = capsys.readouterr().out
-    lines = stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("case "))
-    assert lines[header].split() == [
-        "case",
-        "fit",
-        "loss",
-        "evaluate",
-        "loss",
-        "match?",
-        "BN",
-        "in",
-        "fit",
-    ]
-    table = lines[header + 2 : header + 2 + len(ROWS)]
-    for line, row in zip(table, demo_json["rows"], strict=True):
-        assert line.startswith(row["case"])
-        fields = line[len(row["case"]) :].split()
-        assert fields == [
-            f"{row['fit_loss']:.4f}",
-            f"{row['evaluate_loss']:.4f}",
-            "yes" if row["match"] else "NO",
-            row["bn_statistics_in_fit"],
-        ]
-    assert "- after bnfreeze.freeze, fit and evaluate report the same loss." in lines
-    mismatched = [row for row in demo_json["rows"] if not row["match"]]
-    assert sum(line.startswith("- guide pattern") for line in lines) == len(mismatched)
-    assert ("keras-team/keras#20285" in stdout) is (not HONOURS_GRAPH_TRAINING)
-    assert "\x1b[" not in stdout  # no colour codes
-
-
-# --- the demo's pieces, in-process ----------------------------------------------------
-
-
-def test_smooth_images_are_smooth_and_in_range():
-    """Generated images lie in [0, 255] and neighbouring pixels differ far less than
-    random pixels do."""
-    images = _demo.smooth_images(4, 32, seed=0)
-    assert images.shape == (4, 32, 32, 3)
-    assert images.dtype == np.float32
-    assert images.min() >= 0.0 and images.max() <= 255.0
-    neighbours = np.abs(np.diff(images, axis=1)).mean()
-    shuffled = np.random.default_rng(0).permutation(images.reshape(-1))
-    assert neighbours < 0.2 * np.abs(np.diff(shuffled)).mean()
-
-
-def test_calibration_sets_moments_of_each_bn_input():
-    """After calibration every BN's moving mean/variance equal the numpy moments of that
-    BN's inputs on the images (computed by a sub-model in inference mode), and the
-    layers are left as they were (momentum, no per-instance `call`)."""
-    base = _demo.mini_base(16)
-    images = _demo.preprocess(_demo.smooth_images(8, 16, seed=3))
-    count = _demo.calibrate_batch_norm(base, images)
-    bns = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    assert count == len(bns) == 5
-    for bn in bns:
-        assert bn.momentum == 0.99
-        assert "call" not in vars(bn)
-        probe = keras.Model(base.input, bn.input)
-        inputs = to_numpy(probe(images, training=False)).astype("float64")
-        mean = inputs.mean(axis=(0, 1, 2))
-        var = inputs.var(axis=(0, 1, 2))
-        np.testing.assert_allclose(to_numpy(bn.moving_mean), mean, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(to_numpy(bn.moving_variance), var, rtol=1e-4, atol=1e-5)
-
-
-def test_train_head_reaches_target_by_evaluate():
-    """The head trained on one image reaches the target loss as Keras's evaluate sees it,
-    and the base's variables are untouched."""
-    base = _demo.mini_base(16)
-    images = _demo.preprocess(_demo.smooth_images(8, 16, seed=3))
-    _demo.calibrate_batch_norm(base, images)
-    model = _demo.guide_model(base, classes=5)
-    x, y = images[:1], np.array([2])
-    before = snapshot(base)
-    steps = _demo.train_head(model, base, x, y, target=0.5)
-    assert steps > 0
-    model.compile(loss="sparse_categorical_crossentropy")
-    loss = float(np.asarray(model.evaluate(x, y, verbose=0)).reshape(-1)[0])
-    assert loss <= 0.5 + 1e-4
-    after = snapshot(base)
-    assert all(np.array_equal(before[k], after[k]) for k in before)
-
-
-def test_measure_tells_batch_from_moving_statistics():
-    """`measure` reports batch statistics (and a loss mismatch) for a model whose BN is
-    trainable and called with training=True by fit, and moving statistics once the BN
-    is frozen natively (`trainable=False`)."""
-    base = _demo.mini_base(16)
-    images = _demo.preprocess(_demo.smooth_images(8, 16, seed=3))
-    _demo.calibrate_batch_norm(base, images)
-    inputs = keras.Input((16, 16, 3))
-    h = keras.layers.GlobalAveragePooling2D(name="pool")(base(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(5, activation="softmax", name="head")(h))
-    x, y = images[:1], np.array([1])
-    _demo.train_head(model, base, x, y, target=0.3)
-    saved = [(v, to_numpy(v).copy()) for v in model.weights]
-    trained = _demo.measure("trainable", model, base, x, y)
-    assert trained.bn_statistics_in_fit == "batch"
-    assert trained.match is False
-    for variable, value in saved:
-        variable.assign(value)
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-    frozen = _demo.measure("frozen", model, base, x, y)
-    assert frozen.bn_statistics_in_fit == "moving"
-    assert frozen.match is True
-    assert frozen.evaluate_loss == pytest.approx(trained.evaluate_loss, rel=1e-6)
+def test_demo_json_audits_agree_with_the_rows(demo_json):
+    """The demo's audits, complete in --json: a finding before freeze wherever fit used
+    batch statistics, none after freeze, one row per BatchNormalization layer."""
+    before, after = demo_json["audit_before"], demo_json["audit_after"]
+    if demo_json["rows"][1]["bn_statistics_in_fit"] == "batch":
+        assert before["findings"]
+    assert after["findings"] == []
+    assert len(before["rows"]) == len(after["rows"]) == demo_json["batch_norm_layers"]
+    assert {row["fit"]["phase"] for row in after["rows"]} == {"inference"}
 
 
 # --- audit --------------------------------------------------------------------------
@@ -313,24 +370,8 @@ def _library_report(path: str) -> Any:
     return bnfreeze.audit(keras.models.load_model(path, compile=False))
 
 
-@needs_audit
-def test_audit_subprocess_findings_exit_1_and_json(tmp_path):
-    """`python -m bnfreeze audit PATH --json` prints what `bnfreeze.audit` reports for the
-    same file loaded in-process, and exits 1 exactly when there are findings; on keras
-    3.15 the guide pattern with an unfrozen base has findings (its training=False is
-    ignored by fit, keras-team/keras#20285)."""
-    path = _save(_bn_model(), tmp_path / "guide.keras")
-    result = run_cli("audit", path, "--json")
-    report = _library_report(path)
-    assert result.returncode == (1 if report.findings else 0), result.stderr
-    assert json.loads(result.stdout) == json.loads(json.dumps(report.to_dict(), default=str))
-    if not HONOURS_GRAPH_TRAINING:
-        assert result.returncode == 1
-
-
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 @pytest.mark.parametrize("kind", ["bn", "frozen", "plain"])
-@needs_audit
 def test_audit_json_equals_library_report(tmp_path, capsys, kind, suffix):
     """`audit PATH --json` (in-process `main`) prints the library's report for the file,
     with exit status 1 exactly when it has findings; a model without phase-dependent
@@ -350,7 +391,6 @@ def test_audit_json_equals_library_report(tmp_path, capsys, kind, suffix):
         assert status == 1
 
 
-@needs_audit
 def test_audit_human_output_is_the_report(tmp_path, capsys):
     """Without --json the CLI prints `str(report)`: the table and the findings."""
     path = _save(_bn_model(), tmp_path / "model.keras")
@@ -363,60 +403,15 @@ def test_audit_human_output_is_the_report(tmp_path, capsys):
         assert str(finding) in out
 
 
-def _garbage(tmp_path: Any, name: str) -> str:
-    path = tmp_path / name
-    path.write_bytes(b"this is not a model\n" * 10)
-    return str(path)
-
-
-def test_audit_subprocess_unreadable_exit_2(tmp_path):
-    """`python -m bnfreeze audit` on a file that is not a model: exit 2, nothing on
-    stdout, no traceback, and a last stderr line `ErrorName: Cannot load '<path>' ...`."""
-    path = _garbage(tmp_path, "broken.keras")
-    result = run_cli("audit", path)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    name, _, message = error_line(result.stderr).partition(": ")
-    assert name.isidentifier() and name[0].isupper()
-    assert message.startswith(f"Cannot load '{path}' as a Keras model: ")
-
-
-@pytest.mark.parametrize(
-    ("make", "expected_prefix"),
-    [
-        (
-            lambda p: str(p / "missing.keras"),
-            "FileNotFoundError: No such file: '{path}'. Expected a .keras or .h5 model file.",
-        ),
-        (
-            lambda p: str(p),
-            "IsADirectoryError: '{path}' is a directory. Expected a .keras or .h5 model file",
-        ),
-        (
-            lambda p: _garbage(p, "notes.txt"),
-            "ValueError: Cannot read '{path}': expected a file whose name ends in .keras or .h5",
-        ),
-        (lambda p: _garbage(p, "broken.keras"), "Cannot load '{path}' as a Keras model: "),
-        (lambda p: _garbage(p, "broken.h5"), "Cannot load '{path}' as a Keras model: "),
-    ],
-    ids=["missing", "directory", "wrong-suffix", "garbage-keras", "garbage-h5"],
-)
-def test_audit_unreadable_input_exit_2_one_line(tmp_path, capsys, make, expected_prefix):
-    """Unreadable input (in-process `main`): status 2, nothing on stdout, exactly one line
-    `ErrorName: message` naming the path on stderr."""
-    path = make(tmp_path)
-    status = main(["audit", path])
-    captured = capsys.readouterr()
-    assert status == 2
-    assert captured.out == ""
-    assert captured.err.endswith("\n") and captured.err.count("\n") == 1, captured.err
-    line = captured.err.rstrip("\n")
-    name, _, message = line.partition(": ")
-    assert name.isidentifier() and name[0].isupper(), line
-    expected = expected_prefix.format(path=path)
-    if expected.startswith("Cannot load"):
-        assert message.startswith(expected), line
-        assert len(message) > len(expected)  # the loader's reason follows
-    else:
-        assert line.startswith(expected), line
+def test_audit_subprocess_json_and_a_quiet_stderr(tmp_path):
+    """`bnfreeze audit PATH --json` prints what `bnfreeze.audit` reports for the same file
+    loaded in-process, with nothing on stderr; on keras 3.15 the guide pattern with an
+    unfrozen base has findings (its training=False is ignored by fit,
+    keras-team/keras#20285)."""
+    path = _save(_bn_model(), tmp_path / "guide.keras")
+    result = run_cli("audit", path, "--json")
+    report = _library_report(path)
+    assert result.stderr == ""
+    assert json.loads(result.stdout) == json.loads(json.dumps(report.to_dict(), default=str))
+    if not HONOURS_GRAPH_TRAINING:
+        assert report.findings

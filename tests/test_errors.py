@@ -72,7 +72,8 @@ def test_selector_matches_nothing_names_close_paths() -> None:
     assert refused(bnfreeze.SelectionError, bnfreeze.freeze, h.nested(), selectors) == (
         "`layers` selector 'middle/inner/bn_iner' matched no layer of the model. Expected a "
         "glob pattern over layer paths such as 'outer/inner/layer' (use '*/name' to match at "
-        "any depth), a layer of this model, a predicate, or bnfreeze.up_to(name). "
+        "any depth), a layer of this model, a predicate, bnfreeze.up_to(name), "
+        "bnfreeze.starting_at(name), bnfreeze.last(n) or bnfreeze.exclude(...). "
         "Closest layer paths: 'middle/inner/bn_inner', 'middle/inner/d_inner', 'middle/inner'."
     )
 
@@ -80,8 +81,10 @@ def test_selector_matches_nothing_names_close_paths() -> None:
 def test_bad_selector_type() -> None:
     """A selector of the wrong type says what each selector may be; nothing changes."""
     assert refused(bnfreeze.SelectionError, bnfreeze.freeze, h.functional(), 3) == (
-        "Expected each `layers` selector to be a glob pattern (str), a Keras layer, a "
-        "callable(layer) -> bool or bnfreeze.up_to(name). Received: int 3."
+        "Expected each `layers` selector to be a glob pattern over layer paths such as "
+        "'outer/inner/layer' (use '*/name' to match at any depth), a layer of this model, a "
+        "predicate, bnfreeze.up_to(name), bnfreeze.starting_at(name), bnfreeze.last(n) or "
+        "bnfreeze.exclude(...). Received: int 3."
     )
 
 

@@ -154,7 +154,8 @@ def test_empty_list_selector() -> None:
         select(walk(h.functional()), [])
     assert str(info.value) == (
         "`layers` is an empty list. Expected None (the whole model), a glob pattern, a layer, "
-        "a predicate, up_to(name), or a non-empty list."
+        "a predicate, up_to(name), starting_at(name), last(n), exclude(...), or a non-empty "
+        "list."
     )
 
 

@@ -1,0 +1,164 @@
+"""Which Keras backend: freeze and unfreeze work on every Keras 3 backend, while audit,
+compare_phases and recalibrate need TensorFlow and say so with a BackendError.
+
+Keras reads KERAS_BACKEND once, at its first import, so each backend runs in a subprocess.
+The numpy backend needs scipy and the JAX one jax: the `backends` nox session installs
+both (the flavour sessions do not, and skip here with the reason)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from bnfreeze._compat import IS_TF_KERAS
+
+pytestmark = pytest.mark.skipif(
+    IS_TF_KERAS, reason="tf-keras (Keras 2) runs on TensorFlow only: it has no other backend"
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Run on the chosen backend: a Dense -> BatchNormalization -> Dropout model with known
+#: moving statistics, frozen; its output in a training call against a numpy reference;
+#: unfreeze's round trip; on JAX one fit step; then each TensorFlow-only function.
+SCRIPT = r"""
+import json, sys
+import numpy as np
+import keras
+import bnfreeze
+
+def arrays(layer):
+    return [keras.ops.convert_to_numpy(w) for w in layer.weights]
+
+rng = np.random.default_rng(0)
+model = keras.Sequential([
+    keras.Input((4,)),
+    keras.layers.Dense(3, name="dense"),
+    keras.layers.BatchNormalization(name="bn"),
+    keras.layers.Dropout(0.5, name="drop"),
+])
+bn = model.get_layer("bn")
+bn.moving_mean.assign(np.array([1.0, -2.0, 0.5], "float32"))
+bn.moving_variance.assign(np.array([4.0, 0.25, 1.0], "float32"))
+config = model.get_config()
+x = rng.normal(size=(16, 4)).astype("float32")
+y = rng.normal(size=(16, 3)).astype("float32")
+
+bnfreeze.freeze(model, ["bn", "drop"])
+kernel, bias = arrays(model.get_layer("dense"))
+gamma, beta, mean, var = arrays(bn)
+reference = ((x @ kernel + bias) - mean) / np.sqrt(var + bn.epsilon) * gamma + beta
+out = keras.ops.convert_to_numpy(model(x, training=True))
+result = {
+    "backend": keras.backend.backend(),
+    "training_call_uses_moving_statistics": bool(np.allclose(out, reference, atol=1e-5)),
+    "trainable": {layer.name: layer.trainable for layer in model.layers},
+}
+if keras.backend.backend() == "jax":
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    before = model.evaluate(x, y, batch_size=16, verbose=0)
+    fit = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    result["fit_loss_equals_evaluate"] = bool(np.isclose(fit.history["loss"][0], before))
+    result["bn_unchanged_by_fit"] = all(
+        np.array_equal(a, b) for a, b in zip(arrays(bn), [gamma, beta, mean, var])
+    )
+    result["dense_trained_by_fit"] = not np.array_equal(arrays(model.get_layer("dense"))[0], kernel)
+
+state = [arrays(layer) for layer in model.layers]
+errors = {}
+for name, call in [
+    ("audit", lambda: bnfreeze.audit(model)),
+    ("compare_phases", lambda: bnfreeze.compare_phases(model, x, y, loss="mse")),
+    ("recalibrate", lambda: bnfreeze.recalibrate(model, x, verbose=0)),
+]:
+    try:
+        call()
+        errors[name] = None
+    except Exception as error:
+        errors[name] = [type(error).__name__, isinstance(error, bnfreeze.BackendError), str(error)]
+result["errors"] = errors
+result["unchanged_by_refused_calls"] = all(
+    all(np.array_equal(a, b) for a, b in zip(arrays(layer), saved))
+    for layer, saved in zip(model.layers, state)
+)
+bnfreeze.unfreeze(model)
+result["unfreeze_restores_config"] = model.get_config() == config
+print(json.dumps(result))
+"""
+
+
+def run_on(backend: str) -> dict[str, Any]:
+    """SCRIPT's findings with KERAS_BACKEND=backend, in a fresh interpreter."""
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _needs(module: str, backend: str) -> Any:
+    return pytest.mark.skipif(
+        importlib.util.find_spec(module) is None,
+        reason=f"Keras's {backend} backend needs {module}, which this environment lacks "
+        "(the `backends` nox session installs it)",
+    )
+
+
+BACKENDS = [
+    pytest.param("numpy", marks=_needs("scipy", "numpy"), id="numpy"),
+    pytest.param("jax", marks=_needs("jax", "jax"), id="jax"),
+]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def findings(request: Any) -> dict[str, Any]:
+    return run_on(request.param)
+
+
+def test_freeze_pins_on_other_backends(findings):
+    """On a non-TensorFlow backend, freeze pins BN to its moving statistics and Dropout
+    off in a training call (the output equals the numpy inference formula), sets the
+    trainable flags, and unfreeze restores the original config."""
+    assert findings["backend"] in ("numpy", "jax")
+    assert findings["training_call_uses_moving_statistics"] is True
+    assert findings["trainable"] == {"dense": True, "bn": False, "drop": False}
+    assert findings["unfreeze_restores_config"] is True
+
+
+def test_fit_on_jax_agrees_with_evaluate(findings):
+    """On JAX, fit on a frozen BN reports evaluate's loss, leaves BN's variables as they
+    were and trains the unfrozen Dense."""
+    if findings["backend"] != "jax":
+        pytest.skip("the numpy backend cannot train")
+    assert findings["fit_loss_equals_evaluate"] is True
+    assert findings["bn_unchanged_by_fit"] is True
+    assert findings["dense_trained_by_fit"] is True
+
+
+@pytest.mark.parametrize("function", ["audit", "compare_phases", "recalibrate"])
+def test_tensorflow_only_functions_raise_backend_error(findings, function):
+    """audit, compare_phases and recalibrate raise BackendError naming the backend and the
+    fix, and leave the model unchanged."""
+    backend = findings["backend"]
+    assert findings["errors"][function] == [
+        "BackendError",
+        True,
+        f"`{function}` needs Keras's TensorFlow backend (it traces the model with "
+        f"TensorFlow). Received: Keras running on the {backend!r} backend. Set "
+        "KERAS_BACKEND=tensorflow before importing Keras; freeze and unfreeze work on "
+        "every backend.",
+    ]
+    assert findings["unchanged_by_refused_calls"] is True
