@@ -31,7 +31,7 @@ from bnfreeze._recalibrate import recalibrate
 from bnfreeze._report import AuditReport, Behaviour, Finding, LayerRecord
 from bnfreeze._select import exclude, last, starting_at, up_to
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "ArgumentError",

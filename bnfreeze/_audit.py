@@ -50,7 +50,7 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
         ModelError: Not a built Keras model, or input shapes unknown and no ``x``.
         ArgumentError: ``batch_size`` is not a positive int.
 
-    Example:
+    Examples:
         >>> import keras, bnfreeze
         >>> inputs = keras.Input((4,))
         >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),

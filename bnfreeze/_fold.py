@@ -478,7 +478,7 @@ def fold(model: Any, *, return_report: bool = False) -> Any:
             config.
         ArgumentTypeError: ``return_report`` is not a bool.
 
-    Example:
+    Examples:
         >>> import keras, bnfreeze
         >>> inputs = keras.Input((4,))
         >>> h = keras.layers.Dense(3, use_bias=False, name="dense")(inputs)

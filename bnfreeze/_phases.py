@@ -48,7 +48,7 @@ class LayerDivergence:
         fit_phase: Its phase under ``fit``.
         evaluate_phase: Its phase under ``evaluate``.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnfreeze
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.2, name="d")])
         >>> entry = bnfreeze.compare_phases(model, np.ones((64, 4), "float32")).layers[0]
@@ -77,7 +77,7 @@ class PhaseComparison:
         divergence: RMS(fit output - evaluate output) / RMS(evaluate output).
         layers: Every phase-dependent layer's own `LayerDivergence`, largest first.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnfreeze
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         >>> print(bnfreeze.compare_phases(model, np.ones((2, 4), "float32")))
@@ -144,7 +144,7 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
         ArgumentError: ``x`` and ``y`` disagree in length, or ``x`` with the model's inputs.
         DataError: ``x`` is empty, or ``x``/``y`` holds NaN or infinite values.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnfreeze
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="d"),
         ...                           keras.layers.BatchNormalization(name="bn")])

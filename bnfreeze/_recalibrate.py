@@ -91,7 +91,7 @@ def recalibrate(
         DataError: ``data`` is empty, malformed, non-finite or unreadable as needed.
         ArgumentError: a bad ``batch_size``, ``steps``, ``upstream`` or ``verbose``.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, bnfreeze
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
         >>> x = np.random.default_rng(0).normal(2.0, 3.0, size=(100, 3)).astype("float32")

@@ -59,7 +59,7 @@ class Behaviour:
         training: The ``training`` value its ``call`` receives (``None``: none, and the
             layer falls back to its flavour's default).
 
-    Example:
+    Examples:
         >>> import bnfreeze
         >>> behaviour = bnfreeze.Behaviour("training", True, False, training=True)
         >>> print(behaviour)
@@ -102,7 +102,7 @@ class LayerRecord:
         predict: Its `Behaviour` in ``predict``.
         recorded_training: The ``training=`` recorded for it in the graph (``None``: none).
 
-    Example:
+    Examples:
         >>> import keras, bnfreeze
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
         ...                           keras.layers.BatchNormalization(name="bn")])
@@ -149,7 +149,7 @@ class Finding:
         message: What was observed.
         fix: A concrete way to fix it.
 
-    Example:
+    Examples:
         >>> import keras, bnfreeze
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
         ...                           keras.layers.BatchNormalization(name="bn")])
@@ -190,7 +190,7 @@ class AuditReport:
         rows: One `LayerRecord` per learning-phase-dependent layer, in walk order.
         findings: The `Finding` list (empty when nothing is wrong).
 
-    Example:
+    Examples:
         >>> import keras, bnfreeze
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
         ...                           keras.layers.BatchNormalization(name="bn")])
@@ -225,7 +225,7 @@ class AuditReport:
     def ok(self) -> bool:
         """True when no finding is an error or a warning (``info`` findings do not count).
 
-        Example:
+        Examples:
             >>> import keras, bnfreeze
             >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
             ...                           keras.layers.BatchNormalization()])
@@ -246,7 +246,7 @@ class AuditReport:
         Raises:
             SelectionError: No record matches ``path``, or several records have that name.
 
-        Example:
+        Examples:
             >>> import keras, bnfreeze
             >>> model = keras.Sequential([keras.Input((3,)),
             ...                           keras.layers.Dropout(0.5, name="drop")])
@@ -282,7 +282,7 @@ class AuditReport:
             FindingsError: There are such findings; the message lists them.
             ArgumentError: ``severity`` is not one of ``"error"``, ``"warning"``, ``"info"``.
 
-        Example:
+        Examples:
             >>> import keras, bnfreeze
             >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
             ...                           keras.layers.BatchNormalization()])
@@ -307,7 +307,7 @@ class AuditReport:
             ``{"model", "flavour", "rows", "findings"}``; rows and findings as their own
             ``to_dict()``.
 
-        Example:
+        Examples:
             >>> import json, keras, bnfreeze
             >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5)])
             >>> sorted(json.loads(json.dumps(bnfreeze.audit(model).to_dict())))
@@ -332,7 +332,7 @@ class AuditReport:
         Returns:
             The text, without a final newline.
 
-        Example:
+        Examples:
             >>> import keras, bnfreeze
             >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
             ...                           keras.layers.BatchNormalization()], name="m")
@@ -375,7 +375,7 @@ class AuditReport:
     def to_html(self, *, group: bool = True) -> str:
         """The report as an HTML fragment (what a notebook shows); ``group`` as in `to_text`.
 
-        Example:
+        Examples:
             >>> import keras, bnfreeze
             >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5)])
             >>> bnfreeze.audit(model).to_html().startswith("<div><p>audit of model")
