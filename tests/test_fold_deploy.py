@@ -18,10 +18,16 @@ import bnfreeze
 from bnfreeze._cli import main
 from bnfreeze._compat import IS_TF_KERAS, keras
 from tests import helpers as h
-from tests.test_cli import error_line
 from tests.test_fold import outputs_of, plain_keras, randomize_batch_norm
 
 L = keras.layers
+
+
+def error_line(stderr: str) -> str:
+    """The CLI's one error line: in-process, nothing else reaches stderr."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
 
 
 def frozen_model() -> Any:
