@@ -25,7 +25,11 @@ nox.options.sessions = ["lint", "docs", "tests", "backends"]
 
 TF = "tensorflow-cpu==2.21.0"
 KERAS_NIGHTLY = "keras-nightly==3.16.0.dev2026102704"
-TEST_DEPS = ["numpy", "pytest>=8", "hypothesis>=6", "pytest-timeout", "h5py"]
+TEST_DEPS = ["numpy", "pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "pytest-timeout", "h5py"]
+#: Both cores: the suite is mostly single-threaded tracing, so two workers take about
+#: half the time of one. Test files stay whole on one worker (their module fixtures
+#: are built once). ``nox -s "tests(keras-3.15)" -- tests/test_fold.py`` runs one file.
+WORKERS = ["-n", "2", "--dist", "loadfile"]
 #: keras-hub 0.32 does not import on keras-nightly (it imports a name 3.16 moved): the
 #: 3.16-dev environment gets the keras-hub nightly of the same days.
 KERAS_HUB = {
@@ -65,9 +69,8 @@ def tests(session: nox.Session, flavour: str) -> None:
     """The whole test suite on one Keras flavour (doctests on keras 3.15)."""
     env = _install_flavour(session, flavour)
     session.run("python", "-c", "import bnfreeze._compat as c; print(c.flavour_label())", env=env)
-    args = list(session.posargs)
-    if flavour == "keras-3.15" and not args:
-        args = ["--doctest-modules", "bnfreeze", "tests"]
+    doctests = ["--doctest-modules", "bnfreeze"] if flavour == "keras-3.15" else []
+    args = list(session.posargs) or [*WORKERS, *doctests, "tests"]
     session.run("pytest", *args, env=env)
 
 

@@ -26,15 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from bnfreeze._compat import (
-    graph_nodes,
-    keras,
-    recorded_training,
-    register_serialized_name,
-    remove_recorded_training,
-    reset_compiled_functions,
-    set_recorded_training,
-)
+from bnfreeze._compat import keras, register_serialized_name, reset_compiled_functions
 from bnfreeze._errors import BNFreezeError, UnsupportedLayerError
 from bnfreeze._kinds import (
     is_pinned,
@@ -54,6 +46,12 @@ from bnfreeze._layers import (
     pin,
     serialize_as_original,
     unpin,
+)
+from bnfreeze._nodes import (
+    graph_nodes,
+    recorded_training,
+    remove_recorded_training,
+    set_recorded_training,
 )
 from bnfreeze._walk import Node, descendants, fully_pinned, root, walk
 

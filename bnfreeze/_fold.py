@@ -20,19 +20,11 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from bnfreeze._compat import (
-    Model,
-    graph_calls,
-    keras,
-    layer_graph,
-    recreating_live_layers,
-    symbolic_inputs,
-    symbolic_outputs,
-    to_numpy,
-)
+from bnfreeze._compat import Model, keras, recreating_live_layers, to_numpy
 from bnfreeze._errors import ArgumentTypeError, ModelError
 from bnfreeze._fold_report import FoldedLayer, FoldReport, KeptLayer, Reason
 from bnfreeze._kinds import is_batch_norm, original_class, overridden_phase_method
+from bnfreeze._nodes import graph_calls, layer_graph, symbolic_inputs, symbolic_outputs
 from bnfreeze._walk import check_model, walk
 
 

@@ -36,11 +36,8 @@ import numpy as np
 from bnfreeze._compat import (
     bn_branch_decided_upfront,
     bn_uses_batch_statistics,
-    first_call_spec,
     fit_trainable_state,
-    recorded_training,
     strategy_of,
-    symbolic_inputs,
     tf_variable,
     trainer_forward,
 )
@@ -48,6 +45,7 @@ from bnfreeze._data import batch_spec
 from bnfreeze._kinds import is_batch_norm, is_pinned, original_class, pinned_mode
 from bnfreeze._layers import intercepted
 from bnfreeze._modes import uses_batch_statistics
+from bnfreeze._nodes import first_call_spec, recorded_training, symbolic_inputs
 from bnfreeze._report import Phase
 from bnfreeze._walk import Node
 

@@ -15,14 +15,8 @@ import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze._compat import (
-    IS_TF_KERAS,
-    KERAS_VERSION,
-    flavour_label,
-    keras,
-    recorded_training,
-    to_numpy,
-)
+from bnfreeze._compat import IS_TF_KERAS, KERAS_VERSION, flavour_label, keras, to_numpy
+from bnfreeze._nodes import recorded_training
 from tests import helpers as h
 from tests.helpers import (
     BUILDERS,
@@ -395,7 +389,7 @@ def test_bn_fed_batches_of_one(kind: str, severity: str) -> None:
 @pytest.mark.skipif(IS_TF_KERAS, reason="tf-keras records only what the user passes")
 def test_recorded_signature_default_is_the_cross_version_hazard() -> None:
     """A node recording Dropout's default training=False: an info on 3.15, observed on 3.16."""
-    from bnfreeze._compat import recorded_training, set_recorded_training
+    from bnfreeze._nodes import recorded_training, set_recorded_training
 
     inputs = keras.Input((6,))
     drop = L.Dropout(0.9, name="drop")
@@ -423,7 +417,7 @@ def test_recorded_training_true_on_augmentation_matches_real_predict() -> None:
     keras 3.16 honours it and leaks it: the BatchNormalization after it runs in training
     mode in predict and updates its moving statistics; keras 3.15 ignores it.
     """
-    from bnfreeze._compat import set_recorded_training
+    from bnfreeze._nodes import set_recorded_training
 
     inputs = keras.Input((8, 8, 3))
     flip = L.RandomFlip("horizontal", name="flip")
@@ -509,28 +503,46 @@ def test_audit_changes_nothing() -> None:
 # --- rendering and errors ----------------------------------------------------------------
 
 
-#: The finding of ``audit(functional(), batch_size=1)``, identical on every flavour.
-BATCH_OF_ONE = (
-    "[error] bn-batch-size-one at 'bn': BatchNormalization 'bn' uses batch statistics under "
-    "fit and is fed batches of size 1: each statistic is computed from a single value: the "
-    "variance is 0 and the output is beta whatever the input; its moving statistics follow "
-    "single examples.\n"
-    "  fix: Train with larger batches, or pin it to its moving statistics with "
+#: The finding of ``audit(functional(), batch_size=1)``, identical on every flavour: its
+#: message and fix, and its text wrapped to 100 columns (what ``str`` gives off a terminal).
+BATCH_OF_ONE_MESSAGE = (
+    "BatchNormalization 'bn' uses batch statistics under fit and is fed batches of size 1: "
+    "each statistic is computed from a single value: the variance is 0 and the output is "
+    "beta whatever the input; its moving statistics follow single examples."
+)
+BATCH_OF_ONE_FIX = (
+    "Train with larger batches, or pin it to its moving statistics with "
     "bnfreeze.freeze(model, 'bn', bn_mode='affine')."
 )
+BATCH_OF_ONE = (
+    "[error] bn-batch-size-one at 'bn': BatchNormalization 'bn' uses batch statistics under "
+    "fit and is\n"
+    "  fed batches of size 1: each statistic is computed from a single value: the variance "
+    "is 0 and the\n"
+    "  output is beta whatever the input; its moving statistics follow single examples.\n"
+    "  fix: Train with larger batches, or pin it to its moving statistics with "
+    "bnfreeze.freeze(model,\n"
+    "    'bn', bn_mode='affine')."
+)
 LEGEND = (
-    "(training/inference: which behaviour the layer shows; +stats: moving statistics "
-    "updated; +weights: weights trained)"
+    "(training/inference: behaviour shown; +stats: moving statistics updated; +weights: "
+    "weights trained)"
 )
 
 
-def test_report_renders_rows_and_findings_as_text_html_and_json() -> None:
+@pytest.fixture
+def columns_100(monkeypatch: Any) -> None:
+    """Text renderings wrap to the terminal: make it 100 columns wide."""
+    monkeypatch.setenv("COLUMNS", "100")
+
+
+def test_report_renders_rows_and_findings_as_text_html_and_json(columns_100: None) -> None:
     """print(report) is the table then each finding; the HTML and to_dict hold the same."""
     report = bnfreeze.audit(h.functional(), batch_size=1)
     flavour = flavour_label()
     assert str(report) == "\n".join(
         [
-            f"audit of model 'functional' ({flavour}): 1 phase-dependent layer, 1 finding",
+            f"audit of model 'functional' ({flavour}): 1 phase-dependent layer, 1 error",
             "",
             "path  class               trainable  bn_mode  fit                       "
             "evaluate   predict",
@@ -545,7 +557,7 @@ def test_report_renders_rows_and_findings_as_text_html_and_json() -> None:
     html = report._repr_html_()
     assert html.startswith(
         f"<div><p>audit of model <code>functional</code> ({flavour}): 1 phase-dependent "
-        "layer, 1 finding</p><table>"
+        "layer, 1 error</p><table>"
     )
     assert (
         "<tr><td>bn</td><td>BatchNormalization</td><td>yes</td><td>-</td><td>training +stats "
@@ -559,7 +571,7 @@ def test_report_renders_rows_and_findings_as_text_html_and_json() -> None:
         "<br><i>fix:</i> Train with larger batches, or pin it to its moving statistics with "
         "bnfreeze.freeze(model, &#x27;bn&#x27;, bn_mode=&#x27;affine&#x27;).</li></ul></div>"
     )
-    message, fix = BATCH_OF_ONE.split(": ", 1)[1].split("\n  fix: ")
+    message, fix = BATCH_OF_ONE_MESSAGE, BATCH_OF_ONE_FIX
     phase = {"phase": "inference", "updates_state": False, "trains_weights": False}
     assert json.loads(json.dumps(report.to_dict())) == {
         "model": "functional",
@@ -594,7 +606,7 @@ def test_report_renders_rows_and_findings_as_text_html_and_json() -> None:
     }
 
 
-def test_report_without_findings_says_so() -> None:
+def test_report_without_findings_says_so(columns_100: None) -> None:
     """A report with no findings ends with 'no findings' in text and HTML and lists none."""
     report = bnfreeze.audit(bnfreeze.freeze(h.functional()))
     assert report.findings == [] and report.ok
@@ -603,7 +615,7 @@ def test_report_without_findings_says_so() -> None:
     assert report.to_dict()["findings"] == []
 
 
-def test_raise_for_findings() -> None:
+def test_raise_for_findings(columns_100: None) -> None:
     """raise_for_findings raises FindingsError listing the findings, and validates severity."""
     report = bnfreeze.audit(BUILDERS["functional"](), batch_size=1)
     with pytest.raises(bnfreeze.FindingsError) as info:

@@ -479,8 +479,8 @@ def test_selection_matching_nothing_fails_before_training() -> None:
     assert str(info.value) == (
         "`layers` selector 'bodyy' matched no layer of the model. Expected a glob pattern "
         "over layer paths such as 'outer/inner/layer' (use '*/name' to match at any depth), "
-        "a layer of this model, a predicate, or bnfreeze.up_to(name). Closest layer paths: "
-        "'body'."
+        "a layer of this model, a predicate, bnfreeze.up_to(name), bnfreeze.starting_at(name), "
+        "bnfreeze.last(n) or bnfreeze.exclude(...). Closest layer paths: 'body'."
     )
     assert_same(list(before.values()), list(h.snapshot(model).values()))
 

@@ -389,7 +389,7 @@ def test_nested_models_fold_inside_and_keep_their_structure() -> None:
 
 def test_guide_pattern_keeps_the_recorded_training_argument() -> None:
     """base(x, training=False) in the outer graph is called the same way in the result."""
-    from bnfreeze._compat import recorded_training
+    from bnfreeze._nodes import recorded_training
 
     base = h.conv()
     inputs = keras.Input((8, 8, 3))

@@ -171,7 +171,7 @@ def test_unfreeze_restores_config_and_values(kind: str) -> None:
 
 def test_guide_pattern_roundtrip_restores_recorded_training() -> None:
     """The training=False recorded in the guide graph comes back with unfreeze."""
-    from bnfreeze._compat import recorded_training
+    from bnfreeze._nodes import recorded_training
 
     model, base = _guide_model()
     config = model.get_config()

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 import bnfreeze
 from bnfreeze import _apply
-from bnfreeze._compat import graph_nodes, keras, recorded_training
+from bnfreeze._compat import keras
+from bnfreeze._nodes import graph_nodes, recorded_training
 from bnfreeze._walk import walk
 from tests import helpers as h
 from tests.test_select import _build, _tree
