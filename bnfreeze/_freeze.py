@@ -117,7 +117,9 @@ def freeze(
         model: A built ``keras.Model`` (Sequential, functional, subclassed, nested).
         layers: What to freeze: ``None`` (everything), glob patterns over layer paths
             (``"resnet50/conv4_*"``), layers, a predicate ``callable(layer) -> bool``,
-            [`bnfreeze.up_to`][], or a list of these.
+            [`bnfreeze.up_to`][], [`bnfreeze.starting_at`][], [`bnfreeze.last`][], or a
+            list of these; [`bnfreeze.exclude`][] leaves layers out, also written
+            ``bnfreeze.last(20) - "*_bn"``.
         bn_mode: ``"inference"``, ``"affine"``, ``"adapt"`` or ``"train"``.
         keep_dropout: Leave the frozen part's Dropout-like layers active during ``fit``.
 
