@@ -45,11 +45,13 @@ def _install_flavour(session: nox.Session, flavour: str) -> dict[str, str]:
     session.install(TF, *TEST_DEPS)
     if flavour == "keras-3.16-dev":
         # Both distributions ship the `keras` package: remove the stable one first.
+        # Reinstalled: in a reused environment the uninstall took the files they share.
         if _uv(session):
             session.run("uv", "pip", "uninstall", "keras", external=True)
+            session.install("--reinstall-package", "keras-nightly", KERAS_NIGHTLY)
         else:
             session.run("python", "-m", "pip", "uninstall", "-y", "keras")
-        session.install(KERAS_NIGHTLY)
+            session.install("--force-reinstall", "--no-deps", KERAS_NIGHTLY)
     elif flavour == "tf-keras":
         session.install("tf-keras==2.21.0")
         env["TF_USE_LEGACY_KERAS"] = "1"
