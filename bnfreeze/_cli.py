@@ -111,7 +111,6 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of the data, weights and image (default 0)"
     )
-    _verbose_option(demo, default=argparse.SUPPRESS)
 
     audit = commands.add_parser(
         "audit",
@@ -142,9 +141,8 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     _add_fold_parser(commands)
-    for command in commands.choices.values():
-        if command is not demo:
-            _verbose_option(command, default=argparse.SUPPRESS)
+    for command in commands.choices.values():  # -v after the command name too
+        _verbose_option(command, default=argparse.SUPPRESS)
     return parser
 
 

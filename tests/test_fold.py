@@ -62,26 +62,6 @@ def plain_keras(model: Any) -> bool:
     )
 
 
-def state(model: Any) -> dict[str, Any]:
-    """Config, variable values, classes and trainable flags of every layer."""
-    nodes = walk(model)
-    return {
-        "config": model.get_config(),
-        "weights": h.snapshot(model),
-        "classes": [type(n.layer) for n in nodes],
-        "trainable": [n.layer.trainable for n in nodes],
-    }
-
-
-def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
-    assert after["config"] == before["config"]
-    assert after["classes"] == before["classes"]
-    assert after["trainable"] == before["trainable"]
-    assert after["weights"].keys() == before["weights"].keys()
-    for key, value in before["weights"].items():
-        np.testing.assert_array_equal(after["weights"][key], value)
-
-
 def shared_variables(a: Any, b: Any) -> set[int]:
     """Variables (Keras or the TensorFlow variable behind them) that both models hold."""
     ids_a = {id(v) for v in a.weights} | {id(tf_variable(v)) for v in a.weights}
@@ -465,11 +445,11 @@ def test_pinned_model_folds_its_moving_statistics_into_plain_layers(bn_mode: str
     x = h.data((6, 6, 3), n=4)
     reference = outputs_of(model, x)
     bnfreeze.freeze(model, bn_mode=bn_mode)  # type: ignore[arg-type]
-    before = state(model)
+    before = h.model_state(model)
     folded, report = bnfreeze.fold(model, return_report=True)
     assert [f.batch_norm for f in report.folded] == ["bn1", "bn2"]
     assert plain_keras(folded)
-    assert_same_state(before, state(model))
+    h.assert_unchanged(model, before)
     for a, b in zip(reference, outputs_of(folded, x), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
 
@@ -479,9 +459,9 @@ def test_input_untouched_and_nothing_shared() -> None:
     model = h.nested()
     randomize_batch_norm(model)
     bnfreeze.freeze(model, "middle")
-    before = state(model)
+    before = h.model_state(model)
     folded = bnfreeze.fold(model)
-    assert_same_state(before, state(model))
+    h.assert_unchanged(model, before)
     assert shared_variables(model, folded) == set()
     old_layers = {id(n.layer) for n in walk(model)}
     assert not old_layers & {id(n.layer) for n in walk(folded)}
@@ -565,7 +545,7 @@ def test_without_return_report_only_the_model() -> None:
 def test_subclassed_model_is_refused() -> None:
     """A subclassed model has no graph to rewrite: ModelError saying what to do, model untouched."""
     model = h.subclassed()
-    before = state(model)
+    before = h.model_state(model)
     with pytest.raises(bnfreeze.ModelError) as info:
         bnfreeze.fold(model)
     assert str(info.value) == (
@@ -575,7 +555,7 @@ def test_subclassed_model_is_refused() -> None:
         "(keras.Model(inputs, outputs)), or fold the functional and Sequential models it "
         "holds one by one."
     )
-    assert_same_state(before, state(model))
+    h.assert_unchanged(model, before)
 
 
 def test_unbuilt_model_is_refused() -> None:
@@ -628,7 +608,7 @@ def test_layer_that_cannot_be_recreated_is_refused() -> None:
     inputs = keras.Input((6,))
     hidden = _NoConfig(2.0, name="odd")(inputs)
     model = keras.Model(inputs, L.BatchNormalization(name="bn")(L.Dense(4, name="d")(hidden)))
-    before = state(model)
+    before = h.model_state(model)
     with pytest.raises(bnfreeze.ModelError) as info:
         bnfreeze.fold(model)
     message = str(info.value)
@@ -641,4 +621,4 @@ def test_layer_that_cannot_be_recreated_is_refused() -> None:
         "give the layer a complete get_config()."
     )
     assert "factor" in message
-    assert_same_state(before, state(model))
+    h.assert_unchanged(model, before)

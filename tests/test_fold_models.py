@@ -19,11 +19,9 @@ from bnfreeze._compat import keras
 from tests import helpers as h
 from tests.test_fold import (
     assert_same_predictions,
-    assert_same_state,
     batch_norms,
     plain_keras,
     shared_variables,
-    state,
 )
 
 A = keras.applications
@@ -126,13 +124,13 @@ def test_keras_application_inside_guide_pattern_model() -> None:
     outputs = L.Dense(3, name="head")(L.Dropout(0.2)(hidden))
     model = keras.Model(inputs, outputs, name="guide")
     bnfreeze.freeze(base)
-    before = state(model)
+    before = h.model_state(model)
     folded, report = bnfreeze.fold(model, return_report=True)
     assert (len(report.folded), len(report.kept)) == (52, 0)
     assert report.folded[0].batch_norm == f"{base.name}/bn_Conv1"
     assert report.folded[0].into == f"{base.name}/Conv1"
     assert [layer.name for layer in folded.layers if isinstance(layer, keras.Model)] == [base.name]
     assert plain_keras(folded)
-    assert_same_state(before, state(model))
+    h.assert_unchanged(model, before)
     assert shared_variables(model, folded) == set()
     assert_same_predictions(model, folded, images(), rtol=1e-4)
