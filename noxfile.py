@@ -21,7 +21,16 @@ import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "docs", "tests", "backends"]
+#: ``tests(jax)`` and ``tests(torch)`` exist for the backend work (#15); they join this
+#: list once the whole suite runs on them.
+nox.options.sessions = [
+    "lint",
+    "docs",
+    "tests(keras-3.15)",
+    "tests(keras-3.16-dev)",
+    "tests(tf-keras)",
+    "backends",
+]
 
 TF = "tensorflow-cpu==2.21.0"
 KERAS_NIGHTLY = "keras-nightly==3.16.0.dev2026102704"
@@ -34,10 +43,17 @@ WORKERS = ["-n", "2", "--dist", "loadfile"]
 #: 3.16-dev environment gets the keras-hub nightly of the same days.
 KERAS_HUB = {
     "keras-3.15": "keras-hub==0.32.0",
+    "jax": "keras-hub==0.32.0",
+    "torch": "keras-hub==0.32.0",
     "keras-3.16-dev": "keras-hub-nightly==0.33.0.dev202610250352",
 }
 KERAS_HUB_IMPORTS = ["regex", "tokenizers"]
-FLAVOURS = ["keras-3.15", "keras-3.16-dev", "tf-keras"]
+#: keras 3.15 on the JAX and PyTorch backends. A plain ``torch`` from PyPI is a CUDA
+#: build that pulls several GB; the CPU build of torch 2.13.0 lies on this machine's disk
+#: (``/opt/wheels``), which uv does not search unless told.
+BACKEND_FLAVOURS = {"jax": ["jax[cpu]"], "torch": ["torch==2.13.0"]}
+TORCH_WHEELS = "/opt/wheels"
+FLAVOURS = ["keras-3.15", "keras-3.16-dev", "tf-keras", *BACKEND_FLAVOURS]
 
 
 def _install_flavour(session: nox.Session, flavour: str) -> dict[str, str]:
@@ -55,6 +71,10 @@ def _install_flavour(session: nox.Session, flavour: str) -> dict[str, str]:
     elif flavour == "tf-keras":
         session.install("tf-keras==2.21.0")
         env["TF_USE_LEGACY_KERAS"] = "1"
+    elif flavour in BACKEND_FLAVOURS:
+        links = ["--find-links", TORCH_WHEELS] if os.path.isdir(TORCH_WHEELS) else []
+        session.install(*links, *BACKEND_FLAVOURS[flavour])
+        env["KERAS_BACKEND"] = flavour
     if flavour in KERAS_HUB:
         session.install("--no-deps", KERAS_HUB[flavour], *KERAS_HUB_IMPORTS)
     session.install("--no-deps", "-e", ".")

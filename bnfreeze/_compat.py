@@ -227,6 +227,9 @@ def to_numpy(value: Any) -> Any:
     """A variable, tensor or array of any flavour as a numpy array of its own (a copy)."""
     import numpy as np
 
+    detach = getattr(value, "detach", None)  # a torch tensor that requires grad
+    if callable(detach) and not hasattr(value, "assign"):
+        value = detach()
     numpy = getattr(value, "numpy", None)
     return np.array(numpy() if callable(numpy) else value)
 
