@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -20,6 +21,18 @@ with contextlib.suppress(RuntimeError):  # devices already initialised
     )
 
 from bnfreeze._compat import keras  # noqa: E402  (after the device set-up)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _settled_heap():
+    """Everything alive before the first test (TensorFlow, Keras, the test modules) is moved
+    out of the garbage collector's reach (``gc.freeze``). Keras 3's ``clear_session()`` runs
+    ``gc.collect()``, which otherwise walks those ~300,000 objects before every test: 0.2 to
+    0.8 s each, a third of the suite. What the tests create is still collected as before."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(autouse=True)
