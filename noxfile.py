@@ -96,6 +96,18 @@ def tests(session: nox.Session, flavour: str) -> None:
     session.run("pytest", *args, env=env)
 
 
+@nox.session(python="3.11", default=False)
+def quick(session: nox.Session) -> None:
+    """The inner loop (a few minutes): every test on keras 3.15 but the ``slow``-marked
+    ResNet50-size ones, hypothesis at its ``quick`` profile (4 examples per property).
+    Its environment is built once and reused; ``nox -R -s quick`` skips the install check.
+    CI runs the full sessions (``nox``), not this one."""
+    env = _install_flavour(session, "keras-3.15")
+    env["HYPOTHESIS_PROFILE"] = "quick"
+    args = list(session.posargs) or [*WORKERS, "-m", "not slow", "tests"]
+    session.run("pytest", *args, env=env)
+
+
 @nox.session(python="3.11")
 def backends(session: nox.Session) -> None:
     """freeze/unfreeze on Keras 3's numpy and JAX backends, and the BackendError of the

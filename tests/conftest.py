@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import settings
 
 # Two logical CPU devices so MirroredStrategy tests have two replicas. This must happen
 # before TensorFlow initialises its devices, i.e. at import of the first test module.
@@ -21,6 +22,13 @@ with contextlib.suppress(RuntimeError):  # devices already initialised
     )
 
 from bnfreeze._compat import keras  # noqa: E402  (after the device set-up)
+
+#: Hypothesis profiles, chosen by ``HYPOTHESIS_PROFILE``. ``ci`` (the default, what ``nox``
+#: runs) draws the examples each test asks for (``tests.helpers.examples(n)``: ``n``);
+#: ``quick`` (``nox -s quick``, the inner loop) draws at most 4 per test.
+settings.register_profile("ci", max_examples=100)
+settings.register_profile("quick", max_examples=4)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import hypothesis
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -62,6 +63,12 @@ def activations(
         xb = tf.nest.map_structure(lambda v, s=start: v[s : s + step], x)
         parts.append(to_numpy(sub(xb, training=training)))
     return np.concatenate(parts)
+
+
+def examples(n: int) -> int:
+    """How many examples a hypothesis test draws: ``n`` under the ``ci`` profile (the
+    default), fewer under ``quick`` (the profile's ``max_examples`` caps it; conftest.py)."""
+    return min(n, hypothesis.settings.default.max_examples)
 
 
 # --- variables: snapshots, statistics, replicas --------------------------------------------

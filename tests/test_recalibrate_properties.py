@@ -128,7 +128,7 @@ def _fresh_models() -> Any:
 
 
 @settings(
-    max_examples=60,
+    max_examples=h.examples(60),
     deadline=None,
     derandomize=True,
     database=None,

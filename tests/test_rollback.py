@@ -245,7 +245,7 @@ def test_keyboard_interrupt_during_freeze_leaves_the_model_as_it_was(
 # --- random graphs, a failure at a random step ---------------------------------------
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=h.examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     spec=_tree,
     data=st.data(),

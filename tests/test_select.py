@@ -187,7 +187,7 @@ def _build(spec: Any, counter: list[int]) -> Any:
     return keras.Model(inputs, x, name=f"m{counter[0]}")
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=h.examples(8), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=_tree, mode=st.sampled_from(list(bnfreeze.BN_MODES)))
 def test_random_nested_models_round_trip(spec: Any, mode: str) -> None:
     """Random nesting: unique paths, every unit reached, unfreeze(freeze(m)) restores config."""
