@@ -89,8 +89,8 @@ APPS = {
 def _realistic_statistics(model: Any, x: np.ndarray) -> None:
     """Moving statistics = moments of each BN's input on generated images (one pass each)."""
     bns = h.bn_layers(model)
-    probe = keras.Model(model.inputs, [bn.input for bn in bns])
-    for bn, act in zip(bns, probe.predict(x, verbose=0), strict=True):
+    probe = keras.Model(model.input, [bn.input for bn in bns])
+    for bn, act in zip(bns, [h.to_numpy(a) for a in probe(x, training=False)], strict=True):
         axes = tuple(i for i in range(act.ndim) if i != act.ndim - 1)
         bn.moving_mean.assign(act.mean(axis=axes))
         bn.moving_variance.assign(act.var(axis=axes))
