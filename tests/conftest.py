@@ -43,6 +43,15 @@ def _settled_heap():
     gc.unfreeze()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _settled_module_heap(_settled_heap: None) -> None:
+    """The same at the start of each test module, for what the modules before it left alive
+    (lazily imported Keras modules, applications, caches); their models are cleared first."""
+    keras.backend.clear_session()
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_session():
     """Each test starts from a clear Keras session and fixed seeds."""
