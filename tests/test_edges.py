@@ -1,0 +1,118 @@
+"""Edge cases of issue 14 (items 12-17): threads, audit findings, pinned Dropout in custom
+layers, tf-keras saving, selectors, and plain errors turned into BNFreezeError."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+import bnfreeze
+from bnfreeze._compat import keras, to_numpy
+from bnfreeze._layers import intercepted
+from tests import helpers as h
+from tests.trained import image_data, image_model
+
+L = keras.layers
+
+
+# --- item 12: a serving thread does not notice an interception --------------------------
+
+
+def _serving_during(model: Any, x: Any, batches: list[Any]) -> tuple[Any, list[np.ndarray]]:
+    """Recalibrate ``model`` on ``batches`` while another thread calls the model between
+    every two batches (direct call and ``predict``); the thread's outputs and errors."""
+    go, done = threading.Event(), threading.Event()
+    outputs: list[np.ndarray] = []
+    errors: list[BaseException] = []
+    finished = threading.Event()
+
+    def serve() -> None:
+        while True:
+            go.wait()
+            go.clear()
+            if finished.is_set():
+                return
+            try:
+                outputs.append(to_numpy(model(x, training=False)))
+                outputs.append(model.predict(x, verbose=0))
+            except BaseException as error:  # noqa: BLE001 - reported to the test
+                errors.append(error)
+            done.set()
+
+    def data() -> Any:
+        for batch in batches:
+            go.set()
+            done.wait()
+            done.clear()
+            yield batch
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        bnfreeze.recalibrate(model, data(), verbose=0)
+    finally:
+        finished.set()
+        go.set()
+        thread.join()
+    return errors, outputs
+
+
+def test_serving_thread_sees_plain_model_during_recalibrate() -> None:
+    """Another thread calling the model during recalibrate gets a plain model's outputs,
+    raises nothing, and the recalibrated statistics equal an undisturbed run's."""
+    x, _ = image_data(48, seed=3)
+    model = image_model()
+    expected = model.predict(x[:4], verbose=0)
+    before = h.snapshot(model)
+    batches = [x[i : i + 8] for i in range(0, 48, 8)]
+    errors, outputs = _serving_during(model, x[:4], batches)
+    assert errors == []
+    assert len(outputs) == 2 * len(batches)
+    for out in outputs:
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    disturbed = h.snapshot(model)
+    h.restore(model, before)
+    bnfreeze.recalibrate(model, x, batch_size=8, verbose=0)  # undisturbed, same batches
+    h.assert_same_values(h.snapshot(model), disturbed)
+    assert any(not np.array_equal(disturbed[k], before[k]) for k in before)
+
+
+def test_interception_is_per_thread_and_removed_after_overlapping_blocks() -> None:
+    """Two threads' overlapping blocks each see only their own calls, and when both end
+    the layer has no instance ``call`` left (its class's call runs again)."""
+    layer = L.Dense(2)
+    layer.build((None, 3))
+    x = np.ones((1, 3), "float32")
+    plain = to_numpy(layer(x))
+    entered, release = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+
+    def tag(value: float) -> Any:
+        def on_call(_layer: Any, original: Any, _sig: Any, args: Any, kwargs: Any) -> Any:
+            return original(*args, **kwargs) + value
+
+        return on_call
+
+    def other() -> None:
+        with intercepted([layer], tag(100.0)):
+            entered.set()
+            release.wait()
+            seen["other"] = to_numpy(layer(x))
+
+    thread = threading.Thread(target=other)
+    with intercepted([layer], tag(1.0)):
+        thread.start()
+        entered.wait()
+        seen["main"] = to_numpy(layer(x))
+        with intercepted([layer], tag(10.0)):
+            seen["nested"] = to_numpy(layer(x))
+    release.set()
+    thread.join()
+    np.testing.assert_allclose(seen["main"], plain + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(seen["nested"], plain + 11.0, rtol=1e-6)
+    np.testing.assert_allclose(seen["other"], plain + 100.0, rtol=1e-6)
+    assert "call" not in layer.__dict__
+    np.testing.assert_array_equal(to_numpy(layer(x)), plain)
