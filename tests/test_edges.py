@@ -13,7 +13,7 @@ import bnfreeze
 from bnfreeze._compat import keras, to_numpy
 from bnfreeze._layers import intercepted
 from tests import helpers as h
-from tests.trained import image_data, image_model
+from tests.trained import give_trained_state, image_data, image_model
 
 L = keras.layers
 
@@ -116,3 +116,106 @@ def test_interception_is_per_thread_and_removed_after_overlapping_blocks() -> No
     np.testing.assert_allclose(seen["other"], plain + 100.0, rtol=1e-6)
     assert "call" not in layer.__dict__
     np.testing.assert_array_equal(to_numpy(layer(x)), plain)
+
+
+# --- items 13 and 14: containers and custom blocks in a frozen part --------------------
+
+
+@keras.saving.register_keras_serializable(package="bnfreeze_edges")
+class ResidualBlock(L.Layer):
+    """A custom block passing ``training`` on: Dense -> BN -> Dropout, plus the input."""
+
+    def __init__(self, units: int = 6, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+        self.dense = L.Dense(units, name="dense")
+        self.bn = L.BatchNormalization(name="bn")
+        self.drop = L.Dropout(0.5, name="drop")
+
+    def call(self, x: Any, training: Any = None) -> Any:
+        h = self.drop(self.bn(self.dense(x), training=training), training=training)
+        return x + h
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="bnfreeze_edges")
+class NoTrainingBlock(L.Layer):
+    """A custom block whose ``call`` takes no ``training``: Dense -> Dropout (keras-hub#1500)."""
+
+    def __init__(self, units: int = 16, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+        self.dense = L.Dense(units, name="dense")
+        self.drop = L.Dropout(0.5, name="drop")
+
+    def call(self, x: Any) -> Any:
+        return self.drop(self.dense(x))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "units": self.units}
+
+
+def _containers_model() -> Any:
+    """Input (5, 6) -> TimeDistributed(BN) -> custom residual block -> flatten -> head."""
+    inputs = keras.Input((5, 6))
+    x = L.TimeDistributed(L.BatchNormalization(name="tbn"), name="td")(inputs)
+    x = ResidualBlock(name="blk")(x)
+    x = L.Flatten(name="flat")(x)
+    outputs = L.Dense(2, name="head")(x)
+    return give_trained_state(keras.Model(inputs, outputs))
+
+
+def _codes(report: Any, *only: str) -> list[tuple[str, str]]:
+    return [(f.code, f.path) for f in report.findings if not only or f.code in only]
+
+
+def test_fully_frozen_containers_have_no_audit_findings() -> None:
+    """A frozen TimeDistributed(BN) and a frozen custom block get no active-in-frozen-part
+    warning (freeze on them changes nothing), while unfrozen-but-not-pinned parts do."""
+    model = _containers_model()
+    model.get_layer("td").trainable = False
+    model.get_layer("blk").trainable = False
+    assert ("active-in-frozen-part", "blk/drop") in _codes(bnfreeze.audit(model))
+    bnfreeze.freeze(model, ["td", "blk"])
+    assert _codes(bnfreeze.audit(model)) == []
+    bnfreeze.freeze(model)
+    assert _codes(bnfreeze.audit(model)) == []
+
+
+def _no_training_model() -> Any:
+    inputs = keras.Input((8,))
+    x = NoTrainingBlock(name="blk")(inputs)
+    outputs = L.Dense(1, name="head")(x)
+    return give_trained_state(keras.Model(inputs, outputs))
+
+
+def _fit_and_evaluate_loss(model: Any) -> tuple[float, float]:
+    """Loss of one full-batch fit step at learning rate 0, and evaluate's loss."""
+    x = h.data((8,), n=64, seed=5)
+    y = h.data((1,), n=64, seed=6)
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    fit = model.fit(x, y, batch_size=64, epochs=1, verbose=0).history["loss"][0]
+    return float(fit), float(model.evaluate(x, y, batch_size=64, verbose=0))
+
+
+def test_dropout_in_block_without_training_is_pinned_by_freeze(tmp_path: Any) -> None:
+    """A Dropout in a custom layer whose call takes no `training` runs as at inference after
+    freeze (fit loss == evaluate loss), also after a .keras round trip; audit lists it."""
+    model = _no_training_model()
+    fit, evaluate = _fit_and_evaluate_loss(model)
+    assert abs(fit - evaluate) > 1e-3  # it fires in fit before freeze
+    model.get_layer("blk").trainable = False
+    active = "active-in-frozen-part"
+    assert _codes(bnfreeze.audit(model), active) == [(active, "blk/drop")]
+    bnfreeze.freeze(model, "blk")
+    assert [r.path for r in bnfreeze.audit(model).rows] == ["blk/drop"]
+    assert _codes(bnfreeze.audit(model), active) == []
+    fit, evaluate = _fit_and_evaluate_loss(model)
+    np.testing.assert_allclose(fit, evaluate, rtol=1e-6)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    fit, evaluate = _fit_and_evaluate_loss(loaded)
+    np.testing.assert_allclose(fit, evaluate, rtol=1e-6)
