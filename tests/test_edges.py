@@ -219,3 +219,42 @@ def test_dropout_in_block_without_training_is_pinned_by_freeze(tmp_path: Any) ->
     loaded = keras.models.load_model(path)
     fit, evaluate = _fit_and_evaluate_loss(loaded)
     np.testing.assert_allclose(fit, evaluate, rtol=1e-6)
+
+
+# --- item 16: selectors -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(h.TF_KERAS, reason="tf-keras refuses '[' in a layer name (name scopes)")
+def test_exact_layer_name_wins_over_glob_brackets() -> None:
+    """`"blk[1]"` selects the layer named so, not `blk1` (which the glob would match)."""
+    inputs = keras.Input((4,))
+    x = L.BatchNormalization(name="blk1")(inputs)
+    x = L.BatchNormalization(name="blk[1]")(x)
+    model = give_trained_state(keras.Model(inputs, x))
+    bnfreeze.freeze(model, "blk[1]")
+    assert h.frozen_modes(model) == {"blk[1]": "inference"}
+    bnfreeze.unfreeze(model)
+    bnfreeze.freeze(model, "blk[1-9]")  # no layer has that name: a glob again
+    assert h.frozen_modes(model) == {"blk1": "inference"}
+
+
+@pytest.mark.skipif(not h.TF_KERAS, reason="Keras 3 refuses '/' in a layer name")
+def test_slash_in_layer_name_colliding_with_nested_path_is_refused() -> None:
+    """On tf-keras a layer named "blk/bn" next to a nested "blk" holding "bn": the path is
+    refused as ambiguous (model unchanged), and the layer object selects just that one."""
+    inner = keras.Sequential([keras.Input((4,)), L.BatchNormalization(name="bn")], name="blk")
+    inputs = keras.Input((4,))
+    model = give_trained_state(
+        keras.Model(inputs, inner(L.BatchNormalization(name="blk/bn")(inputs)))
+    )
+    message = h.refused(bnfreeze.SelectionError, bnfreeze.freeze, model, "blk/bn")
+    assert message == (
+        "`layers` selector 'blk/bn' is ambiguous: 2 layers have the path 'blk/bn' "
+        "(BatchNormalization 'blk/bn', BatchNormalization 'bn' inside 'blk'), because a layer "
+        "name contains '/'. Pass the layer object itself (model.get_layer(...)) instead, or "
+        "rename the layer."
+    )
+    top = model.get_layer("blk/bn")
+    bnfreeze.freeze(model, top)
+    assert type(top) is not L.BatchNormalization  # pinned
+    assert type(inner.get_layer("bn")) is L.BatchNormalization  # untouched
