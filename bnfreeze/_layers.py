@@ -173,6 +173,14 @@ def _leave(layer: Any, owner: _Owner) -> None:
         object.__setattr__(layer, "call", slot.had)
 
 
+def _through_owner(owner: _Owner, layer: Any, inner: Any, signature: inspect.Signature) -> Any:
+    def intercepted_call(*args: Any, **kwargs: Any) -> Any:
+        return owner.on_call(layer, inner, signature, args, kwargs)
+
+    intercepted_call.__signature__ = signature  # type: ignore[attr-defined]
+    return intercepted_call
+
+
 def _dispatcher(layer: Any, slot: _Slot) -> Any:
     def through(owners: list[_Owner]) -> Any:
         """The layer's call as the blocks in ``owners`` (oldest first) make it, seen from
@@ -181,13 +189,7 @@ def _dispatcher(layer: Any, slot: _Slot) -> Any:
         for depth in range(len(owners) - 1, -1, -1):
             owner = owners[depth]
             if owner.sees(thread):
-                inner = through(owners[:depth])
-
-                def intercepted_call(*args: Any, **kwargs: Any) -> Any:
-                    return owner.on_call(layer, inner, slot.signature, args, kwargs)
-
-                intercepted_call.__signature__ = slot.signature  # type: ignore[attr-defined]
-                return intercepted_call
+                return _through_owner(owner, layer, through(owners[:depth]), slot.signature)
         return slot.own
 
     def call(*args: Any, **kwargs: Any) -> Any:

@@ -221,7 +221,11 @@ def _exact(nodes: list[Node], path: str, what: str, argument: str) -> list[Node]
     if len(matches) > 1:
         kinds = ", ".join(
             f"{type(n.layer).__name__} {n.layer.name!r}"
-            + (f" inside {n.parent.name!r}" if "/" in n.path and n.name == n.layer.name else "")
+            + (
+                f" inside {n.parent.name!r}"
+                if n.parent is not None and "/" in n.path and n.name == n.layer.name
+                else ""
+            )
             for n in matches[:4]
         )
         raise SelectionError(

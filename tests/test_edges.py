@@ -38,7 +38,7 @@ def _serving_during(model: Any, x: Any, batches: list[Any]) -> tuple[Any, list[n
             try:
                 outputs.append(to_numpy(model(x, training=False)))
                 outputs.append(model.predict(x, verbose=0))
-            except BaseException as error:  # noqa: BLE001 - reported to the test
+            except BaseException as error:
                 errors.append(error)
             done.set()
 
@@ -258,3 +258,93 @@ def test_slash_in_layer_name_colliding_with_nested_path_is_refused() -> None:
     bnfreeze.freeze(model, top)
     assert type(top) is not L.BatchNormalization  # pinned
     assert type(inner.get_layer("bn")) is L.BatchNormalization  # untouched
+
+
+# --- item 17: plain errors become BNFreezeError -------------------------------------------
+
+
+@pytest.mark.skipif(not h.TF_KERAS, reason="virtual_batch_size exists in tf-keras only")
+def test_recalibrate_refuses_ghost_batch_norm() -> None:
+    """recalibrate on a tf-keras BN with virtual_batch_size raises UnsupportedLayerError
+    and changes nothing."""
+    inputs = keras.Input((4,))
+    x = L.Dense(4, name="dense")(inputs)
+    model = give_trained_state(
+        keras.Model(inputs, L.BatchNormalization(virtual_batch_size=2, name="ghost")(x))
+    )
+    data = h.data((4,), n=8)
+    message = h.refused(
+        bnfreeze.UnsupportedLayerError, bnfreeze.recalibrate, model, data, verbose=0
+    )
+    assert message == (
+        "Layer 'ghost' is a BatchNormalization with virtual_batch_size=2 (ghost batch "
+        "normalization), whose moving statistics are averages over virtual batches, so "
+        "recalibrate cannot compute them exactly. Expected BatchNormalization layers without "
+        "virtual_batch_size. Leave it out of `layers=` (for example layers=lambda layer: "
+        "getattr(layer, 'virtual_batch_size', None) is None)."
+    )
+
+
+def _two_inputs() -> Any:
+    a, b = keras.Input((4,), name="a"), keras.Input((3,), name="b")
+    x = L.Concatenate(name="join")([L.BatchNormalization(name="bn")(a), b])
+    return give_trained_state(keras.Model([a, b], L.Dense(2, name="head")(x)))
+
+
+def test_recalibrate_refuses_dict_with_wrong_keys() -> None:
+    """A dict of inputs without one of the model's input names raises DataError before
+    anything changes (it used to fail inside the traced pass with a plain error)."""
+    model = _two_inputs()
+    data = {"a": h.data((4,), n=8), "c": h.data((3,), n=8)}
+    message = h.refused(bnfreeze.DataError, bnfreeze.recalibrate, model, data, verbose=0)
+    assert message == (
+        "Expected every batch of `data` to be a dict with the model's input names as keys, "
+        "['a', 'b']. Received: a batch that is a dict with keys ['a', 'c'], without 'b'. "
+        "Name the arrays of `data` after the model's inputs (keras.Input(name=...))."
+    )
+    good = {"a": data["a"], "b": data["c"]}
+    bnfreeze.recalibrate(model, good, verbose=0)  # the right keys still work
+    mean, _ = h.statistics(model.get_layer("bn"))
+    np.testing.assert_allclose(mean, data["a"].mean(axis=0), rtol=1e-5, atol=1e-5)
+
+
+def test_audit_refuses_wrong_shaped_x() -> None:
+    """audit with an `x` the model cannot take raises DataError naming both shapes."""
+    model = _two_inputs()
+    x = [h.data((4,), n=8), h.data((5,), n=8)]
+    message = h.refused(bnfreeze.DataError, bnfreeze.audit, model, x)
+    assert message == (
+        "Expected `x` to match the model's input shape [(None, 4), (None, 3)] (any batch "
+        "size). Received: x of shape [(8, 4), (8, 5)]. Pass a batch of the model's inputs "
+        "(only its shapes and dtypes are used), or leave `x` out: the model declares its "
+        "inputs."
+    )
+    assert bnfreeze.audit(model, [x[0], h.data((3,), n=8)]).rows  # the right shape works
+
+
+@pytest.mark.parametrize(
+    ("width", "error", "expected"),
+    [
+        (
+            -5,
+            bnfreeze.ArgumentError,
+            "Expected `width` to be at least 20 columns, or None (the terminal's width). "
+            "Received: width=-5. Pass a wider width, e.g. width=100.",
+        ),
+        (
+            "80",
+            bnfreeze.ArgumentTypeError,
+            "Expected `width` to be an int of at least 20 columns, or None (the terminal's "
+            "width). Received: width='80' (str).",
+        ),
+    ],
+    ids=["negative", "string"],
+)
+def test_to_text_refuses_bad_width(width: Any, error: type, expected: str) -> None:
+    """to_text(width=...) with a width it cannot wrap to raises a BNFreezeError subclass."""
+    report = bnfreeze.audit(_two_inputs())
+    with pytest.raises(error) as info:
+        report.to_text(width=width)
+    assert type(info.value) is error
+    assert str(info.value) == expected
+    assert report.to_text(width=20).startswith("audit of model")
