@@ -236,6 +236,17 @@ def serialize_as_original(obj: Any) -> dict[str, Any]:
     return config
 
 
+def for_any_format(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved object's config that loads in the legacy (``.h5``) format too: tf-keras's
+    legacy loader finds a class by ``class_name`` only, so a registered class must be
+    named by its registered name there (the new format looks ``registered_name`` up
+    first, so it loads the same)."""
+    registered = config.get("registered_name") if isinstance(config, dict) else None
+    if not IS_TF_KERAS or not registered or registered == config.get("class_name"):
+        return config
+    return {**config, "class_name": registered}
+
+
 def _frozen_from_config(cls: Any, config: dict[str, Any], custom_objects: Any = None) -> Any:
     """``type(layer).from_config(layer.get_config())``, as ``clone_model`` calls it: the
     original class rebuilds the layer from its own config (in the caller's safe-mode
@@ -432,5 +443,7 @@ class Frozen(SavedFormLoader):
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:
         check_saved_form(config)
-        layer = keras.layers.deserialize(config["layer"], custom_objects=custom_objects)
+        layer = keras.layers.deserialize(
+            for_any_format(config["layer"]), custom_objects=custom_objects
+        )
         return _pinned_as_saved(layer, config)
