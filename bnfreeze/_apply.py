@@ -337,6 +337,8 @@ def carrier_class(base: type) -> type | None:
         "__module__": __name__,
         "__doc__": f"{base.__name__} carrying a bnfreeze freeze through saving.",
     }
+    if IS_TF_KERAS:
+        members["build_from_config"] = _carrier_build_from_config
     try:
         cls = generated_subclass(base, members)
     except Exception as exc:
@@ -372,6 +374,16 @@ def _carrier_get_config(self: Any) -> dict[str, Any]:
             for n in walk(self)
         ],
     }
+
+
+def _carrier_build_from_config(self: Any, config: dict[str, Any]) -> None:
+    """tf-keras: build as the original class does, then record the input shape as a
+    call's first build does (a wrapper's ``build`` records its child's shape instead,
+    which its next save would write and its next load could not build from)."""
+    base = type(self).__bases__[0]
+    base.build_from_config(self, config)
+    if config.get("input_shape") is not None:
+        object.__setattr__(self, "_build_input_shape", config["input_shape"])
 
 
 def _serialize_unpinned(container: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 import bnfreeze
 from bnfreeze._compat import keras, to_numpy
 from bnfreeze._layers import intercepted
+from bnfreeze._walk import walk
 from tests import helpers as h
 from tests.trained import give_trained_state, image_data, image_model
 
@@ -348,3 +349,59 @@ def test_to_text_refuses_bad_width(width: Any, error: type, expected: str) -> No
     assert type(info.value) is error
     assert str(info.value) == expected
     assert report.to_text(width=20).startswith("audit of model")
+
+
+# --- item 15: saving frozen wrappers and custom blocks --------------------------------------
+
+
+def _values_by_layer(model: Any) -> dict[str, np.ndarray]:
+    """Every variable by its layer's path and its own short name (tf-keras names and
+    orders a rebuilt container's variables differently; the values are what matter)."""
+    return {
+        f"{n.path}:{str(v.name).split('/')[-1]}": to_numpy(v)
+        for n in walk(model)
+        if not n.is_container
+        for v in n.layer.weights
+    }
+
+
+@pytest.mark.parametrize("how", ["keras", "h5", "clone"])
+def test_frozen_time_distributed_and_custom_block_save_load_and_clone(
+    tmp_path: Any, how: str
+) -> None:
+    """A frozen model with TimeDistributed(BN) and a custom block loads (.keras, .h5) or
+    clones with the same pins and trainable flags, the same values and predictions (when
+    loaded), and saves and loads again."""
+    model = _containers_model()
+    bnfreeze.freeze(model, "td")
+    bnfreeze.freeze(model, "blk", bn_mode="affine")
+    x = h.data((5, 6), n=4, seed=9)
+    expected = model.predict(x, verbose=0)
+
+    def again(m: Any, name: str) -> Any:
+        if how == "clone":
+            return keras.models.clone_model(m)
+        path = str(tmp_path / f"{name}.{how}")
+        m.save(path)
+        return keras.models.load_model(path)
+
+    loaded = again(model, "first")
+    assert (
+        h.frozen_modes(loaded)
+        == h.frozen_modes(model)
+        == {
+            "td/tbn": "inference",
+            "blk/bn": "affine",
+            "blk/drop": "inference",
+        }
+    )
+    assert h.model_state(loaded)["trainable"] == h.model_state(model)["trainable"]
+    if how != "clone":  # clone_model re-initialises the variables (KERAS_FACTS fact 5)
+        assert _values_by_layer(loaded).keys() == _values_by_layer(model).keys()
+        for key, value in _values_by_layer(model).items():
+            np.testing.assert_array_equal(_values_by_layer(loaded)[key], value, err_msg=key)
+        np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, rtol=1e-6)
+    second = again(loaded, "second")
+    assert h.frozen_modes(second) == h.frozen_modes(model)
+    bnfreeze.unfreeze(second)
+    assert h.frozen_modes(second) == {}
