@@ -380,7 +380,7 @@ def _carrier_build_from_config(self: Any, config: dict[str, Any]) -> None:
     """tf-keras: build as the original class does, then record the input shape as a
     call's first build does (a wrapper's ``build`` records its child's shape instead,
     which its next save would write and its next load could not build from)."""
-    base = type(self).__bases__[0]
+    base: Any = type(self).__bases__[0]
     base.build_from_config(self, config)
     if config.get("input_shape") is not None:
         object.__setattr__(self, "_build_input_shape", config["input_shape"])
