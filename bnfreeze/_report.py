@@ -348,10 +348,14 @@ class AuditReport:
             group: Show rows of one part of the model that behave alike as one line
                 (a count and their common path, ``resnet50/*``); ``False`` shows every row.
                 ``str(report)`` groups.
-            width: Wrap findings to this many columns (default: the terminal's, or 100).
+            width: Wrap findings to this many columns, at least 20 (default: the
+                terminal's, or 100).
 
         Returns:
             The text, without a final newline.
+
+        Raises:
+            ArgumentError: ``width`` is an int below 20 (``ArgumentTypeError``: not an int).
 
         Examples:
             >>> import keras, bnfreeze
