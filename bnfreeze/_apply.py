@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from bnfreeze._compat import keras, register_serialized_name, reset_compiled_functions
+from bnfreeze._compat import IS_TF_KERAS, keras, register_serialized_name, reset_compiled_functions
 from bnfreeze._errors import BNFreezeError, UnsupportedLayerError
 from bnfreeze._kinds import (
     is_pinned,
@@ -42,6 +42,7 @@ from bnfreeze._layers import (
     SavedFormLoader,
     check_saved_form,
     check_saved_mode,
+    for_any_format,
     generated_subclass,
     pin,
     serialize_as_original,
@@ -275,7 +276,11 @@ _CARRIER_SET: set[type] = set()  # the carrier classes
 
 def _rebuilds_its_layers(layer: Any) -> bool:
     """True for a container class defined outside Keras: its config is its constructor's
-    arguments (Keras's own Functional, Sequential and wrappers save their layers)."""
+    arguments (Keras's own Functional, Sequential and wrappers save their layers); and
+    for tf-keras's wrappers (``TimeDistributed``): they save their layer, but load it by
+    class name in the legacy format, which finds the original class, not the pinned one."""
+    if IS_TF_KERAS and isinstance(layer, keras.layers.Wrapper):
+        return True
     module = original_class(layer).__module__ or ""
     return not module.startswith(("keras.", "tf_keras."))
 
@@ -332,6 +337,8 @@ def carrier_class(base: type) -> type | None:
         "__module__": __name__,
         "__doc__": f"{base.__name__} carrying a bnfreeze freeze through saving.",
     }
+    if IS_TF_KERAS:
+        members["build_from_config"] = _carrier_build_from_config
     try:
         cls = generated_subclass(base, members)
     except Exception as exc:
@@ -356,7 +363,7 @@ def _carrier_get_config(self: Any) -> dict[str, Any]:
         "version": FORMAT_VERSION,
         "name": self.name,
         "trainable": bool(self.trainable),
-        "container": serialize_as_original(self),
+        "container": _serialize_unpinned(self),
         "layers": [
             {
                 "path": n.path,
@@ -367,6 +374,31 @@ def _carrier_get_config(self: Any) -> dict[str, Any]:
             for n in walk(self)
         ],
     }
+
+
+def _carrier_build_from_config(self: Any, config: dict[str, Any]) -> None:
+    """tf-keras: build as the original class does, then record the input shape as a
+    call's first build does (a wrapper's ``build`` records its child's shape instead,
+    which its next save would write and its next load could not build from)."""
+    base: Any = type(self).__bases__[0]
+    base.build_from_config(self, config)
+    if config.get("input_shape") is not None:
+        object.__setattr__(self, "_build_input_shape", config["input_shape"])
+
+
+def _serialize_unpinned(container: Any) -> dict[str, Any]:
+    """The container serialised as its original class with every layer inside unpinned
+    for the moment (a wrapper saves its layer's config: the plain one, which every
+    format loads; the ``"layers"`` entries pin it again)."""
+    inside = [n.layer for n in walk(container) if is_pinned(n.layer)]
+    states = [pin_state(layer) for layer in inside]
+    try:
+        for layer in inside:
+            unpin(layer)
+        return serialize_as_original(container)
+    finally:
+        for layer, state in zip(inside, states, strict=True):
+            restore_pin_state(layer, state)
 
 
 def _carrier_from_config(cls: Any, config: dict[str, Any], custom_objects: Any = None) -> Any:
@@ -387,8 +419,8 @@ class FrozenContainer(SavedFormLoader):
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:
         check_saved_form(config, "container", "frozen containers")
-        container = keras.saving.deserialize_keras_object(
-            config["container"], custom_objects=custom_objects
+        container = keras.layers.deserialize(
+            for_any_format(config["container"]), custom_objects=custom_objects
         )
         return restore(container, config)
 

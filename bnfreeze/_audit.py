@@ -12,7 +12,7 @@ from typing import Any
 
 from bnfreeze._compat import fit_trainable_variables, flavour_label, require_tensorflow_backend
 from bnfreeze._data import batch_spec
-from bnfreeze._errors import ArgumentError, ModelError
+from bnfreeze._errors import ArgumentError, DataError, ModelError
 from bnfreeze._findings import Context, all_findings
 from bnfreeze._kinds import depends_on_phase, is_batch_norm, original_class, pinned_mode
 from bnfreeze._report import AuditReport, Behaviour, LayerRecord
@@ -66,6 +66,8 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
     check_model(model, function="audit")
     _check_batch_size(batch_size)
     spec = batch_spec(x) if x is not None else model_input_spec(model)
+    if x is not None:
+        check_x_shapes(model_input_spec(model), batch_spec(x, "keep"))
     if spec is None:
         raise ModelError(
             f"Cannot tell the input shapes of model {model.name!r} ({type(model).__name__}). "
@@ -108,6 +110,38 @@ def _check_batch_size(batch_size: Any) -> None:
         raise ArgumentError(
             f"Expected `batch_size` to be a positive int or None. Received: "
             f"batch_size={batch_size!r}."
+        )
+
+
+def check_x_shapes(declared: Any, given: Any) -> None:
+    """Refuse a sample ``x`` the model cannot be called with (its declared inputs, when
+    it declares them): as many arrays, each of the declared rank and sizes."""
+    import tensorflow as tf
+
+    if declared is None:
+        return
+
+    def text(specs: list[Any]) -> str:
+        shapes = [
+            "(" + ", ".join("None" if d is None else str(d) for d in s.shape.as_list()) + ")"
+            for s in specs
+        ]
+        return shapes[0] if len(shapes) == 1 else "[" + ", ".join(shapes) + "]"
+
+    want, got = tf.nest.flatten(declared), tf.nest.flatten(given)
+    if isinstance(given, dict) and not isinstance(declared, dict):
+        fits = len(want) == len(got)  # keyed by input names: Keras matches them
+    else:
+        fits = len(want) == len(got) and all(
+            w.shape.rank == g.shape.rank
+            and all(a is None or a == b for a, b in zip(w.shape[1:], g.shape[1:], strict=True))
+            for w, g in zip(want, got, strict=True)
+        )
+    if not fits:
+        raise DataError(
+            f"Expected `x` to match the model's input shape {text(want)} (any batch size). "
+            f"Received: x of shape {text(got)}. Pass a batch of the model's inputs (only its "
+            "shapes and dtypes are used), or leave `x` out: the model declares its inputs."
         )
 
 

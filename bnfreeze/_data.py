@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from bnfreeze._compat import keras
 from bnfreeze._errors import ArgumentError, DataError
+from bnfreeze._nodes import symbolic_inputs
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -107,6 +108,7 @@ class Source:
     def __init__(self, steps: int | None) -> None:
         self.steps = steps
         self.inputs: list[Any] = []  # the model's declared inputs (set by open_source)
+        self.input_keys: list[str] | None = None  # the keys a dict batch needs (ditto)
         self.read = 0  # batches read by the last pass, empty ones included
         self._first: Any = None
         self._peeked = False
@@ -125,6 +127,7 @@ class Source:
             except StopIteration:
                 raise _no_batch(self.kind) from None
             _check_against_model(self.inputs, first, 0)
+            check_dict_keys(self.input_keys, first, 0)
             _rows(first, 0)
             self._first = first
             self._peeked = True
@@ -143,6 +146,7 @@ class Source:
             self.read += 1
             _check_like_first(first, x, index)
             _check_against_model(self.inputs, x, index)
+            check_dict_keys(self.input_keys, x, index)
             if _rows(x, index) > 0:
                 used += 1
                 yield index, x
@@ -165,7 +169,7 @@ class _Replay(Source):
 
     def __init__(self, first: Any, source: Source) -> None:
         super().__init__(1)
-        self.kind, self.inputs = source.kind, source.inputs
+        self.kind, self.inputs, self.input_keys = source.kind, source.inputs, source.input_keys
         self._first, self._peeked = first, True
 
     def _raw(self) -> Iterator[Any]:
@@ -291,6 +295,7 @@ def open_source(data: Any, *, batch_size: int | None, steps: int | None, model: 
             "`batch_size` (or batch the data yourself)."
         )
     source.inputs = _model_inputs(model)
+    source.input_keys = input_keys(model)
     return source
 
 
@@ -402,3 +407,26 @@ def _check_against_model(inputs: list[Any], x: Any, index: int) -> None:
                 f"{_shape_text(want)}. Received: {_batch_name(index)} of shape "
                 f"{_shape_text(got)}."
             )
+
+
+def input_keys(model: Any) -> list[str] | None:
+    """The keys a dict of inputs must hold for ``model``: its inputs' dict keys, or the
+    names of its ``Input`` layers; ``None`` when it declares no inputs (subclassed)."""
+    struct = symbolic_inputs(model)
+    if isinstance(struct, dict):
+        return sorted(map(str, struct))
+    return [str(t._keras_history[0].name) for t in _model_inputs(model)] or None
+
+
+def check_dict_keys(keys: list[str] | None, x: Any, index: int) -> None:
+    """Refuse a dict batch that lacks a key the model's inputs need (issue 14, item 17)."""
+    if keys is None or not isinstance(x, dict):
+        return
+    missing = [k for k in keys if k not in x]
+    if missing:
+        raise DataError(
+            f"Expected every batch of `data` to be a dict with the model's input names as "
+            f"keys, {keys}. Received: {_batch_name(index)} that is {_structure_text(x)}, "
+            f"without {', '.join(repr(k) for k in missing)}. Name the arrays of `data` after "
+            "the model's inputs (keras.Input(name=...))."
+        )

@@ -368,8 +368,18 @@ def _active_in_frozen_part(ctx: Context) -> list[Finding]:
             "keep_dropout=True keeps it active on purpose.",
         )
         for record, part, where in _in_frozen_part(ctx, batch_norm=False)
-        if not _is_inert(record.layer) and not is_kept_active(record.layer)
+        if not _is_inert(record.layer)
+        and not is_kept_active(record.layer)
+        and not _decided_by_its_parts(ctx, record)
     ]
+
+
+def _decided_by_its_parts(ctx: Context, record: LayerRecord) -> bool:
+    """A container row (``TimeDistributed(BatchNormalization())``, a custom block) whose
+    phase-dependent parts are all pinned: ``training`` reaches it, but what it does under
+    ``fit`` is what its pinned parts do (``freeze`` on it would change nothing)."""
+    node = ctx.by_layer.get(id(record.layer))
+    return node is not None and node.is_container and fully_pinned(node, ctx.nodes)
 
 
 @_rule("trainable-changed-since-compile")

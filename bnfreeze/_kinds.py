@@ -149,3 +149,21 @@ def check_supported_batch_norm(path: str, layer: Any) -> None:
         "constructor or config). Leave it out of `layers=` (for example with a predicate), "
         "or replace it with a standard BatchNormalization."
     )
+
+
+def check_recalibratable(path: str, layer: Any) -> None:
+    """Raise :class:`UnsupportedLayerError` for a BN whose statistics recalibrate cannot
+    compute: the variants :func:`check_supported_batch_norm` refuses, and tf-keras's ghost
+    batch normalization (``virtual_batch_size``), whose moving statistics are kept per
+    virtual batch."""
+    check_supported_batch_norm(path, layer)
+    virtual = getattr(layer, "virtual_batch_size", None)
+    if virtual is None:
+        return
+    raise UnsupportedLayerError(
+        f"Layer {path!r} is a BatchNormalization with virtual_batch_size={virtual} (ghost "
+        "batch normalization), whose moving statistics are averages over virtual batches, "
+        "so recalibrate cannot compute them exactly. Expected BatchNormalization layers "
+        "without virtual_batch_size. Leave it out of `layers=` (for example "
+        "layers=lambda layer: getattr(layer, 'virtual_batch_size', None) is None)."
+    )

@@ -23,8 +23,10 @@ is again exactly what it was.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from bnfreeze._compat import (
@@ -77,39 +79,125 @@ OnCall = Callable[[Any, Any, inspect.Signature, tuple[Any, ...], dict[str, Any]]
 
 @contextmanager
 def intercepted(layers: Sequence[Any], on_call: OnCall) -> Iterator[None]:
-    """For the duration of the block, every call of ``layers`` goes through ``on_call``.
+    """For the duration of the block, every call of ``layers`` *made by this thread* goes
+    through ``on_call``.
 
     The one way bnfreeze observes or temporarily replaces what a layer does (the audit's
     tracer, ``compare_phases``, ``recalibrate``'s pass): an instance attribute ``call``
-    shadows the class's for the block and is removed afterwards, whatever happens. The
-    layer's class, config and variables are never touched (pinning, which must survive
-    saving, changes the class instead: :func:`pin`).
+    shadows the class's while any block holds the layer and is removed when the last one
+    ends, whatever happens. The layer's class, config and variables are never touched
+    (pinning, which must survive saving, changes the class instead: :func:`pin`).
+
+    The thread rule: ``on_call`` sees the calls made by the thread that entered the
+    block, and by the replica threads a ``tf.distribute`` strategy starts for it while
+    the block is open (``MirroredStrategy.run``). A call from any other thread -- a
+    serving thread calling ``predict`` or the model meanwhile -- runs the layer's own
+    ``call``, as if nothing were intercepted: ``on_call`` may keep its state per thread.
+    Blocks nest and may overlap across threads: within one thread the innermost block's
+    ``on_call`` runs, and the ``original`` it is given is the next block's interception
+    (or the layer's own ``call``).
     """
-    saved: list[tuple[Any, Any]] = []
-    missing = object()
+    owner = _Owner(on_call, threading.get_ident(), frozenset(threading.enumerate()))
+    entered: list[Any] = []
     try:
-        for layer in layers:
-            saved.append((layer, layer.__dict__.get("call", missing)))
-            object.__setattr__(layer, "call", _interceptor(layer, layer.call, on_call))
+        with _LOCK:
+            for layer in layers:
+                _enter(layer, owner)
+                entered.append(layer)
         yield
     finally:
-        for layer, had in reversed(saved):
-            if had is missing:
-                layer.__dict__.pop("call", None)
-            else:
-                object.__setattr__(layer, "call", had)
+        with _LOCK:
+            for layer in reversed(entered):
+                _leave(layer, owner)
 
 
-def _interceptor(layer: Any, original: Any, on_call: OnCall) -> Any:
-    try:
-        signature = inspect.signature(original)
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        signature = inspect.Signature()
+@dataclass(eq=False)
+class _Owner:
+    """One ``intercepted`` block: its ``on_call``, the thread that entered it and the
+    threads already running then (never its replica threads)."""
+
+    on_call: OnCall
+    thread: int
+    before: frozenset[threading.Thread]
+
+    def sees(self, thread: threading.Thread) -> bool:
+        if thread.ident == self.thread:
+            return True
+        return _is_replica_thread(thread) and thread not in self.before
+
+
+def _is_replica_thread(thread: threading.Thread) -> bool:
+    """A thread a ``tf.distribute`` strategy runs a replica in (duck-typed, no TF import)."""
+    return hasattr(thread, "replica_id_in_sync_group") and hasattr(thread, "main_fn")
+
+
+@dataclass(eq=False)
+class _Slot:
+    """The interception of one layer: what its ``__dict__`` held before, the layer's own
+    call, and the open blocks holding it (oldest first)."""
+
+    had: Any
+    own: Any
+    signature: inspect.Signature
+    owners: list[_Owner] = field(default_factory=list)
+
+
+_LOCK = threading.RLock()
+_SLOTS: dict[int, _Slot] = {}
+_MISSING = object()
+
+
+def _enter(layer: Any, owner: _Owner) -> None:
+    slot = _SLOTS.get(id(layer))
+    if slot is None:
+        own = layer.call
+        try:
+            signature = inspect.signature(own)
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            signature = inspect.Signature()
+        slot = _Slot(layer.__dict__.get("call", _MISSING), own, signature)
+        _SLOTS[id(layer)] = slot
+        object.__setattr__(layer, "call", _dispatcher(layer, slot))
+    slot.owners.append(owner)
+
+
+def _leave(layer: Any, owner: _Owner) -> None:
+    slot = _SLOTS[id(layer)]
+    slot.owners.remove(owner)
+    if slot.owners:
+        return
+    del _SLOTS[id(layer)]
+    if slot.had is _MISSING:
+        layer.__dict__.pop("call", None)
+    else:
+        object.__setattr__(layer, "call", slot.had)
+
+
+def _through_owner(owner: _Owner, layer: Any, inner: Any, signature: inspect.Signature) -> Any:
+    def intercepted_call(*args: Any, **kwargs: Any) -> Any:
+        return owner.on_call(layer, inner, signature, args, kwargs)
+
+    intercepted_call.__signature__ = signature  # type: ignore[attr-defined]
+    return intercepted_call
+
+
+def _dispatcher(layer: Any, slot: _Slot) -> Any:
+    def through(owners: list[_Owner]) -> Any:
+        """The layer's call as the blocks in ``owners`` (oldest first) make it, seen from
+        the calling thread."""
+        thread = threading.current_thread()
+        for depth in range(len(owners) - 1, -1, -1):
+            owner = owners[depth]
+            if owner.sees(thread):
+                return _through_owner(owner, layer, through(owners[:depth]), slot.signature)
+        return slot.own
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        return on_call(layer, original, signature, args, kwargs)
+        with _LOCK:
+            owners = list(slot.owners)
+        return through(owners)(*args, **kwargs)
 
-    call.__signature__ = signature  # type: ignore[attr-defined]
+    call.__signature__ = slot.signature  # type: ignore[attr-defined]
     return call
 
 
@@ -146,6 +234,17 @@ def serialize_as_original(obj: Any) -> dict[str, Any]:
     for key in ("build_config", "compile_config", "shared_object_id"):
         config.pop(key, None)
     return config
+
+
+def for_any_format(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved object's config that loads in the legacy (``.h5``) format too: tf-keras's
+    legacy loader finds a class by ``class_name`` only, so a registered class must be
+    named by its registered name there (the new format looks ``registered_name`` up
+    first, so it loads the same)."""
+    registered = config.get("registered_name") if isinstance(config, dict) else None
+    if not IS_TF_KERAS or not registered or registered == config.get("class_name"):
+        return config
+    return {**config, "class_name": registered}
 
 
 def _frozen_from_config(cls: Any, config: dict[str, Any], custom_objects: Any = None) -> Any:
@@ -344,5 +443,7 @@ class Frozen(SavedFormLoader):
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Any:
         check_saved_form(config)
-        layer = keras.layers.deserialize(config["layer"], custom_objects=custom_objects)
+        layer = keras.layers.deserialize(
+            for_any_format(config["layer"]), custom_objects=custom_objects
+        )
         return _pinned_as_saved(layer, config)

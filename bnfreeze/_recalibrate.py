@@ -14,7 +14,7 @@ import numpy as np
 from bnfreeze._compat import require_tensorflow_backend
 from bnfreeze._data import open_source
 from bnfreeze._errors import ArgumentError, DataError, SelectionError
-from bnfreeze._kinds import check_supported_batch_norm, is_batch_norm
+from bnfreeze._kinds import check_recalibratable, is_batch_norm
 from bnfreeze._moments import Moments
 from bnfreeze._runner import runner as make_runner
 from bnfreeze._select import Selector, select
@@ -137,7 +137,7 @@ def selected_batch_norms(nodes: list[Node], layers: Selector) -> list[Node]:
             "Expected a selection containing at least one BatchNormalization layer."
         )
     for node in targets:
-        check_supported_batch_norm(node.path, node.layer)
+        check_recalibratable(node.path, node.layer)
     return targets
 
 

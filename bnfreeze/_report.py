@@ -14,7 +14,7 @@ import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from bnfreeze._errors import ArgumentError, FindingsError, SelectionError
+from bnfreeze._errors import ArgumentError, ArgumentTypeError, FindingsError, SelectionError
 
 Phase = Literal["training", "inference"]
 Severity = Literal["error", "warning", "info"]
@@ -34,6 +34,27 @@ def at_least(severity: Severity, floor: Severity) -> bool:
 def terminal_width() -> int:
     """The width text is wrapped to: the terminal's, or 100 columns when not a terminal."""
     return shutil.get_terminal_size((100, 24)).columns
+
+
+#: The narrowest ``width`` text reports wrap to (the widest indent is four columns).
+MIN_WIDTH = 20
+
+
+def _check_width(width: Any) -> int:
+    """``width`` of ``to_text``: ``None`` (the terminal's) or an int of at least 20."""
+    if width is None:
+        return terminal_width()
+    if isinstance(width, bool) or not isinstance(width, int):
+        raise ArgumentTypeError(
+            f"Expected `width` to be an int of at least {MIN_WIDTH} columns, or None (the "
+            f"terminal's width). Received: width={width!r} ({type(width).__name__})."
+        )
+    if width < MIN_WIDTH:
+        raise ArgumentError(
+            f"Expected `width` to be at least {MIN_WIDTH} columns, or None (the terminal's "
+            f"width). Received: width={width}. Pass a wider width, e.g. width=100."
+        )
+    return width
 
 
 def _wrap(text: str, width: int, first: str = "", rest: str = "  ") -> str:
@@ -327,10 +348,14 @@ class AuditReport:
             group: Show rows of one part of the model that behave alike as one line
                 (a count and their common path, ``resnet50/*``); ``False`` shows every row.
                 ``str(report)`` groups.
-            width: Wrap findings to this many columns (default: the terminal's, or 100).
+            width: Wrap findings to this many columns, at least 20 (default: the
+                terminal's, or 100).
 
         Returns:
             The text, without a final newline.
+
+        Raises:
+            ArgumentError: ``width`` is an int below 20 (``ArgumentTypeError``: not an int).
 
         Examples:
             >>> import keras, bnfreeze
@@ -339,7 +364,7 @@ class AuditReport:
             >>> print(bnfreeze.audit(model).to_text(group=False).splitlines()[0])
             audit of model 'm' (keras 3.15.1): 1 phase-dependent layer, no findings
         """
-        width = width or terminal_width()
+        width = _check_width(width)
         lines = [f"audit of model {self.model_name!r} ({self.flavour}): {self._counts()}"]
         if self.rows:
             entries = _entries(self.rows, group)

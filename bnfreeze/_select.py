@@ -213,6 +213,29 @@ def _no_match(what: str, word: str, nodes: list[Node], argument: str) -> Selecti
     )
 
 
+def _exact(nodes: list[Node], path: str, what: str, argument: str) -> list[Node]:
+    """The node whose path is exactly ``path`` (none: ``[]``); two such nodes (tf-keras
+    allows ``/`` in a layer name: a layer ``"blk/bn"`` next to a nested ``"blk"`` holding
+    ``"bn"``) make the path ambiguous."""
+    matches = [n for n in nodes if n.path == path]
+    if len(matches) > 1:
+        kinds = ", ".join(
+            f"{type(n.layer).__name__} {n.layer.name!r}"
+            + (
+                f" inside {n.parent.name!r}"
+                if n.parent is not None and "/" in n.path and n.name == n.layer.name
+                else ""
+            )
+            for n in matches[:4]
+        )
+        raise SelectionError(
+            f"`{argument}` selector {what} is ambiguous: {len(matches)} layers have the path "
+            f"{path!r} ({kinds}), because a layer name contains '/'. Pass the layer object "
+            "itself (model.get_layer(...)) instead, or rename the layer."
+        )
+    return matches
+
+
 def _starts_block(text: str, prefix: str) -> bool:
     """``text`` starts with ``prefix`` and does not go on with its number
     (``"block1"`` starts ``"block1a_bn"``, not ``"block10_bn"``)."""
@@ -234,7 +257,7 @@ def _runs(indices: list[int]) -> list[list[int]]:
 def _target(sel: UpTo | StartingAt, nodes: list[Node], argument: str) -> Node:
     """The layer that ends (``up_to``) or starts (``starting_at``) the selection."""
     name = sel.name
-    matches = [n for n in nodes if n.path == name]
+    matches = _exact(nodes, name, repr(sel), argument)
     if not matches:
         matches = [n for n in nodes if n.name == name]
         if len(matches) > 1:
@@ -338,7 +361,9 @@ def select(nodes: list[Node], selector: Selector, *, argument: str = "layers") -
         if type(item) in resolvers:
             found = resolvers[type(item)](item, nodes, argument)
         elif isinstance(item, str):
-            hits = [n for n in nodes if fnmatch.fnmatchcase(n.path, item)]
+            # An exact layer path wins over glob syntax ("blk[1]" is a layer's name).
+            hits = _exact(nodes, item, repr(item), argument)
+            hits = hits or [n for n in nodes if fnmatch.fnmatchcase(n.path, item)]
             if not hits:
                 raise _no_match(repr(item), item, nodes, argument)
             found = [m for h in hits for m in _expand(h, nodes)]

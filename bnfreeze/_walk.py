@@ -3,8 +3,10 @@
 A layer's *path* is the chain of layer names below the top model joined by ``/``
 (``"resnet50/conv4_block1_1_bn"``). The walk is depth-first in each container's layer
 order (topological for functional models), visits a shared layer once (at its first
-path), and descends into every ``keras.Model`` and into any other layer that contains a
-BatchNormalization (a custom residual block, ``TimeDistributed(BatchNormalization())``).
+path), and descends into every ``keras.Model``, into any other layer that contains a
+BatchNormalization (a custom residual block, ``TimeDistributed(BatchNormalization())``),
+and into a layer whose ``call`` takes no ``training`` but holds a Dropout or other
+phase-dependent layer (it cannot be pinned as a whole, so its parts are).
 Other layers with sublayers (``LSTM`` and its cell, ``Bidirectional``) are units: their
 insides decide their behaviour together, so they are pinned and reported as one.
 """
@@ -46,11 +48,24 @@ def _contains_batch_norm(layer: Any) -> bool:
     return any(is_batch_norm(x) for x in flatten(include_self=False, recursive=True))
 
 
+def _hides_phase_dependent(layer: Any) -> bool:
+    """A layer whose ``call`` takes no ``training`` but that holds a phase-dependent layer
+    (a custom block calling a Dropout, keras-hub#1500): it cannot be pinned as one unit
+    (it has no ``training`` to pass), so its parts are walked and pinned one by one."""
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is None or depends_on_phase(layer):
+        return False
+    return any(depends_on_phase(x) for x in flatten(include_self=False, recursive=True))
+
+
 def is_container(layer: Any) -> bool:
-    """Models, and any other layer that holds a BatchNormalization somewhere inside."""
+    """Models, any other layer that holds a BatchNormalization somewhere inside, and a
+    layer without a ``training`` argument that holds a phase-dependent layer."""
     if isinstance(layer, Model):
         return True
-    return isinstance(layer, Layer) and _contains_batch_norm(layer)
+    return isinstance(layer, Layer) and (
+        _contains_batch_norm(layer) or _hides_phase_dependent(layer)
+    )
 
 
 def walk(model: Any, *, include_root: bool = False) -> list[Node]:
