@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +35,14 @@ from bnfreeze._fold_report import FoldedLayer, FoldReport, KeptLayer, Reason
 from bnfreeze._kinds import is_batch_norm, original_class, overridden_phase_method
 from bnfreeze._nodes import graph_calls, layer_graph, symbolic_inputs, symbolic_outputs
 from bnfreeze._walk import check_model, walk
+
+
+def _reason(error: BaseException) -> str:
+    """``Type: message`` of an error raised inside Keras, on one line: without terminal
+    colour codes and without Keras 3's echo of the call's arguments (symbolic tensor
+    names that differ between runs)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split("Arguments received by")[0]
+    return f"{type(error).__name__}: {' '.join(text.split())}"
 
 
 def _flatten(structure: Any) -> list[Any]:
@@ -126,8 +135,8 @@ class _Fold:
 
     ``after=False``: ``layer(x) * scale + shift`` per output channel (the BN follows it);
     ``after=True``: ``layer(x * scale + shift)`` per input feature (a Dense after the BN).
-    ``rename``: the BN's output is an output of its model, so ``layer`` takes the BN's
-    name and the model's output names stay.
+    ``rename``: the BN's output is an output of the folded model (not of a nested one),
+    so ``layer`` takes the BN's name and the model's output names stay.
     """
 
     bn: Any
@@ -223,6 +232,7 @@ class _Context:
     outputs: set[int]  # ids of the graph's output tensors
     calls_of: Counter[int]  # by id(layer), across every graph
     paths: dict[int, str]
+    root: Any  # the model being folded (its output names are kept)
 
 
 def _own_reason(call: _Call, context: _Context) -> tuple[Reason, str] | None:
@@ -285,7 +295,10 @@ def _decide_before(call: _Call, context: _Context) -> _Fold | tuple[Reason, str]
             f"{channel_axis}",
         )
     scale, shift = _affine(bn)
-    rename = bn.name if id(call.outputs[0]) in context.outputs else None
+    top_level_output = (
+        context.graph.model is context.root and id(call.outputs[0]) in context.outputs
+    )
+    rename = bn.name if top_level_output else None
     return _Fold(bn, producer, layout, scale, shift, rename=rename)
 
 
@@ -336,6 +349,7 @@ def _plan(model: Any, paths: dict[int, str]) -> _Plan:
             {id(t) for t in outputs},
             calls_of,
             paths,
+            model,
         )
         for call in graph.calls:
             if not _is_layer(call.layer) or not is_batch_norm(call.layer):
@@ -500,7 +514,7 @@ class _Builder:
             raise ModelError(
                 f"Cannot copy layer {_described(old, self.paths)} into the folded "
                 f"model: re-creating it from its get_config() failed "
-                f"({type(error).__name__}: {' '.join(str(error).split())}). Expected "
+                f"({_reason(error)}). Expected "
                 "every layer to be re-creatable from its config, as saving a model "
                 "needs: give the layer a complete get_config()."
             ) from error
@@ -540,7 +554,7 @@ class _Builder:
                 except Exception as error:
                     raise ModelError(
                         f"Cannot call {self._what(call.layer)} in the folded model "
-                        f"({type(error).__name__}: {' '.join(str(error).split())}). Expected "
+                        f"({_reason(error)}). Expected "
                         "every layer of the graph to accept the symbolic tensors it was "
                         "called with, as rebuilding or loading the model needs: make it "
                         "work with keras.models.clone_model, or fold without this layer."
@@ -573,8 +587,7 @@ class _Builder:
                 except Exception as error:
                     raise ModelError(
                         f"Cannot copy the state of layer {_described(old, self.paths)} "
-                        f"into the folded model ({type(error).__name__}: "
-                        f"{' '.join(str(error).split())}). Expected a layer whose copy "
+                        f"into the folded model ({_reason(error)}). Expected a layer whose copy "
                         "made from get_config() loads what its save_own_variables and "
                         "save_assets write, as loading a saved model needs."
                     ) from error
@@ -731,7 +744,7 @@ def fold(model: Any, *, return_report: bool = False) -> Any:
     except Exception as error:  # a Keras we do not know: one clear line, not a traceback
         raise ModelError(
             f"Cannot fold model {model.name!r}: rebuilding it failed "
-            f"({type(error).__name__}: {' '.join(str(error).split())}). Expected a "
+            f"({_reason(error)}). Expected a "
             "functional or Sequential model that keras.models.clone_model can rebuild; "
             "the model is unchanged. Please report this with the model's summary()."
         ) from error
