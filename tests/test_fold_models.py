@@ -30,7 +30,8 @@ SIZE = 64
 
 
 def calibrate(model: Any, seed: int = 0) -> None:
-    """Random gamma/beta, then moving statistics measured on 8 generated images.
+    """Random gamma/beta, a Normalization's statistics set as loaded weights set them
+    (EfficientNet), then moving statistics measured on 8 generated images.
 
     At 64x64: at 32x32 the last blocks see 1x1 maps, and a randomly initialised
     EfficientNetB0 calibrated on 8 images is so ill-conditioned there (activations in the
@@ -44,6 +45,14 @@ def calibrate(model: Any, seed: int = 0) -> None:
             bn.gamma.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
         if bn.center:
             bn.beta.assign(rng.normal(0.0, 0.5, shape).astype("float32"))
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, L.Normalization):  # as loaded ImageNet weights set them
+            layer.mean.assign(rng.uniform(0.3, 0.6, tuple(layer.mean.shape)).astype("float32"))
+            layer.variance.assign(
+                rng.uniform(0.04, 0.09, tuple(layer.variance.shape)).astype("float32")
+            )
+            if hasattr(layer, "finalize_state"):
+                layer.finalize_state()
     bnfreeze.recalibrate(model, images(8, seed + 100), batch_size=8, verbose=0)
 
 
