@@ -683,13 +683,16 @@ def fold(model: Any, *, return_report: Literal[False] = False) -> Any: ...
 @overload
 def fold(model: Any, *, return_report: Literal[True]) -> tuple[Any, FoldReport]: ...
 def fold(model: Any, *, return_report: bool = False) -> Any:
-    """A new model with each BatchNormalization folded into the layer before it.
+    """A new model with BatchNormalization folded into the layer before (or Dense after) it.
 
     A BN folds when its input is the only use of the output of a ``Dense``,
     ``Conv1D/2D/3D``, ``DepthwiseConv1D/2D``, ``SeparableConv1D/2D`` (into the pointwise
     kernel) or ``Conv1D/2D/3DTranspose`` layer with a linear activation; that layer gets
     the BN's per-channel scale in its kernel and its shift in its bias (a bias is added if
-    it had none), computed in float64. Every other BN stays, and the report says why.
+    it had none), computed in float64. A BN that cannot fold there but whose output goes
+    to a ``Dense`` alone (``pool -> BN -> Dense``) folds into that Dense's kernel rows and
+    bias. Every other BN stays, and the report says why; a folded BN that was an output
+    of ``model`` gives its name to the layer that absorbed it (output names stay).
     Folding uses the **moving statistics** (what ``predict`` uses) whatever ``bn_mode``
     a BN is pinned to: the result is for inference. More: [deploying](deploying.md).
 
@@ -697,6 +700,8 @@ def fold(model: Any, *, return_report: bool = False) -> Any:
         ``model`` is only read: its variables, classes and flags do not change. The
         result shares no layer or variable with it, holds only plain Keras layers
         (pinned layers come out unpinned) and loads without bnfreeze. It is not compiled.
+        Every other layer keeps its whole state (variables, lookup tables, assets, as a
+        ``.keras`` file carries them); raw operations and masks are carried over.
 
     Args:
         model: A built functional or Sequential ``keras.Model`` (nested models inside it
@@ -710,7 +715,7 @@ def fold(model: Any, *, return_report: bool = False) -> Any:
     Raises:
         ModelError: ``model`` is not a built Keras model, or is a subclassed model (no
             layer graph to rewrite), or holds a layer that cannot be re-created from its
-            config.
+            config, whose copy cannot take its state, or that fails in the new graph.
         ArgumentTypeError: ``return_report`` is not a bool.
 
     Examples:
