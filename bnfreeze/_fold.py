@@ -722,15 +722,18 @@ def fold(model: Any, *, return_report: bool = False) -> Any:
         >>> import keras, bnfreeze
         >>> inputs = keras.Input((4,))
         >>> h = keras.layers.Dense(3, use_bias=False, name="dense")(inputs)
-        >>> model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(h), name="m")
+        >>> h = keras.layers.BatchNormalization(name="bn")(h)
+        >>> h = keras.layers.BatchNormalization(name="head_bn")(keras.layers.ReLU()(h))
+        >>> model = keras.Model(inputs, keras.layers.Dense(2, name="head")(h), name="m")
         >>> folded, report = bnfreeze.fold(model, return_report=True)
         >>> [type(layer).__name__ for layer in folded.layers]
-        ['InputLayer', 'Dense']
+        ['InputLayer', 'Dense', 'ReLU', 'Dense']
         >>> print(report)
-        fold of model 'm': 1 of 1 BatchNormalization layer folded, 0 kept
+        fold of model 'm': 2 of 2 BatchNormalization layers folded, 0 kept
         <BLANKLINE>
         folded (BatchNormalization -> the layer that absorbed it):
-          bn -> dense (Dense, bias added)
+          bn      -> dense (Dense, bias added)
+          head_bn -> head (Dense, after it)
     """
     if not isinstance(return_report, bool):
         raise ArgumentTypeError(
