@@ -618,7 +618,7 @@ def _folded_weights(weights: list[Any], folds: list[_Fold]) -> list[Any]:
     for fold in ordered:
         kernel = _scaled(kernel, fold.scale, layout.channels)
         bias = bias * fold.scale + fold.shift
-    kernels[layout.scaled] = np.asarray(kernel).astype(dtype)
+    kernels[layout.scaled] = np.asarray(kernel).astype(dtype, copy=False)
     return [*kernels, bias.astype(dtype)]
 
 
