@@ -46,11 +46,12 @@ def calibrate(model: Any, seed: int = 0) -> None:
         if bn.center:
             bn.beta.assign(rng.normal(0.0, 0.5, shape).astype("float32"))
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, L.Normalization):  # as loaded ImageNet weights set them
-            layer.mean.assign(rng.uniform(0.3, 0.6, tuple(layer.mean.shape)).astype("float32"))
-            layer.variance.assign(
-                rng.uniform(0.04, 0.09, tuple(layer.variance.shape)).astype("float32")
-            )
+        if isinstance(layer, L.Normalization):  # non-default, as loaded weights set them
+            for variable in layer.weights:
+                name = str(variable.name).split("/")[-1].split(":")[0]
+                low, high = {"mean": (-0.2, 0.2), "variance": (0.5, 2.0)}.get(name, (4, 4))
+                shape = tuple(variable.shape)
+                variable.assign(rng.uniform(low, high, shape).astype(variable.dtype))
             if hasattr(layer, "finalize_state"):
                 layer.finalize_state()
     bnfreeze.recalibrate(model, images(8, seed + 100), batch_size=8, verbose=0)
