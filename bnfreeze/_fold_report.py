@@ -1,4 +1,9 @@
-"""What ``fold`` did: which BatchNormalization went into which layer, which stayed and why."""
+"""What ``fold`` did: which BatchNormalization went into which layer, which stayed and why.
+
+Nothing is dropped silently: every BatchNormalization of the model is in ``folded`` or in
+``kept`` (with a reason code and a sentence), and every other layer is in the folded
+model with its whole state.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from typing import Any, Literal
 
 #: Why a BatchNormalization stayed in the folded model (``KeptLayer.reason``).
 Reason = Literal[
-    "not-after-foldable-layer",  # follows an activation, a pooling, an Add, a model, ...
+    "not-after-foldable-layer",  # follows an activation, a pooling, an Add, a model, an op,
+    # ... and is not read by a Dense alone either
     "nonlinear-activation",  # follows a foldable layer with its own non-linear activation
     "output-used-elsewhere",  # that layer's output has other consumers or is a model output
     "shared-layer",  # that layer, or the BN itself, is called more than once
@@ -23,12 +29,16 @@ Reason = Literal[
 
 @dataclass(frozen=True)
 class FoldedLayer:
-    """A BatchNormalization folded into the layer before it (paths as in ``freeze``)."""
+    """A BatchNormalization folded into the layer before it, or (``after=True``) into the
+    Dense after it (paths as in ``freeze``). ``renamed_to``: the BN's output was an output
+    of its model, so the absorbing layer took the BN's name to keep the output names."""
 
     batch_norm: str
     into: str
     into_class: str
     bias_added: bool
+    after: bool = False
+    renamed_to: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -36,7 +46,19 @@ class FoldedLayer:
             "into": self.into,
             "into_class": self.into_class,
             "bias_added": self.bias_added,
+            "after": self.after,
+            "renamed_to": self.renamed_to,
         }
+
+    def _text(self) -> str:
+        notes = [self.into_class]
+        if self.after:
+            notes.append("after it")
+        if self.bias_added:
+            notes.append("bias added")
+        if self.renamed_to is not None:
+            notes.append(f"renamed {self.renamed_to!r} to keep the output name")
+        return f"{self.into} ({', '.join(notes)})"
 
 
 @dataclass(frozen=True)
@@ -64,7 +86,7 @@ class FoldReport:
     Attributes:
         model: The name of the model that was folded.
         folded: One ``FoldedLayer`` (``batch_norm``, ``into``, ``into_class``,
-            ``bias_added``) per folded BN, in walk order.
+            ``bias_added``, ``after``, ``renamed_to``) per folded BN, in walk order.
         kept: One ``KeptLayer`` (``batch_norm``, ``reason``, ``detail``) per BN that
             stayed; ``reason`` is a short code such as ``"not-after-foldable-layer"``.
     """
@@ -83,8 +105,7 @@ class FoldReport:
             lines += ["", "folded (BatchNormalization -> the layer that absorbed it):"]
             width = max(len(f.batch_norm) for f in self.folded)
             for f in self.folded:
-                bias = ", bias added" if f.bias_added else ""
-                lines.append(f"  {f.batch_norm.ljust(width)} -> {f.into} ({f.into_class}{bias})")
+                lines.append(f"  {f.batch_norm.ljust(width)} -> {f._text()}")
         if self.kept:
             lines += ["", "kept (BatchNormalization: why):"]
             for k in self.kept:

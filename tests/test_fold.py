@@ -118,9 +118,9 @@ def test_each_foldable_layer_absorbs_the_batch_norm(kind: str, bias: bool) -> No
     ]
     assert report.kept == ()
     assert batch_norms(folded) == []
-    new_layer = folded.get_layer(layer.name)
+    new_layer = folded.get_layer("bn")  # the model's output: its name stays
     assert new_layer.use_bias
-    expected = {**layer.get_config(), "use_bias": True}
+    expected = {**layer.get_config(), "use_bias": True, "name": "bn"}
     assert new_layer.get_config() == expected
     assert_same_predictions(model, folded, h.data(shape, n=4))
 
@@ -163,7 +163,7 @@ def test_fold_arithmetic_is_float64_rounded_once() -> None:
     kernel32, scale32 = kernel.astype(np.float32), scale.astype(np.float32)
     assert np.any(kernel32 * scale32 != expected_kernel)
     folded = bnfreeze.fold(model)
-    new_kernel, new_bias = (h.to_numpy(v) for v in folded.get_layer("dense").weights)
+    new_kernel, new_bias = (h.to_numpy(v) for v in folded.get_layer("bn").weights)
     np.testing.assert_array_equal(new_kernel, expected_kernel)
     np.testing.assert_allclose(new_bias, expected_bias, rtol=1e-6, atol=1e-6)
 
@@ -344,12 +344,14 @@ def test_non_finite_scale_stays() -> None:
 
 
 def test_nested_models_fold_inside_and_keep_their_structure() -> None:
-    """BN inside nested models folds into its layer there; BN after a nested model stays."""
+    """BN inside nested models folds into its layer there; BN after a nested model folds
+    into the Dense after it; BN last in a nested model, after another, stays."""
     model = h.nested()
     randomize_batch_norm(model)
     folded, report = bnfreeze.fold(model, return_report=True)
-    assert [(f.batch_norm, f.into) for f in report.folded] == [
-        ("middle/inner/bn_inner", "middle/inner/d_inner")
+    assert [(f.batch_norm, f.into, f.after) for f in report.folded] == [
+        ("middle/inner/bn_inner", "middle/inner/d_inner", False),
+        ("bn_outer", "head", True),  # the Dense after it
     ]
     assert reasons(report) == {
         "middle/bn_middle": (
@@ -357,13 +359,9 @@ def test_nested_models_fold_inside_and_keep_their_structure() -> None:
             "follows 'middle/inner' (Functional), not a Dense, convolution or transposed "
             "convolution",
         ),
-        "bn_outer": (
-            "not-after-foldable-layer",
-            "follows 'middle' (Functional), not a Dense, convolution or transposed convolution",
-        ),
     }
     assert [n.path for n in walk(folded) if n.is_container] == ["middle", "middle/inner"]
-    assert batch_norms(folded) == ["middle/bn_middle", "bn_outer"]
+    assert batch_norms(folded) == ["middle/bn_middle"]
     assert_same_predictions(model, folded, h.inputs_for(model))
 
 
@@ -518,7 +516,14 @@ def test_report_text_and_dict() -> None:
     assert data == {
         "model": "net",
         "folded": [
-            {"batch_norm": "stem_bn", "into": "stem", "into_class": "Conv2D", "bias_added": True}
+            {
+                "batch_norm": "stem_bn",
+                "into": "stem",
+                "into_class": "Conv2D",
+                "bias_added": True,
+                "after": False,
+                "renamed_to": None,
+            }
         ],
         "kept": [
             {

@@ -30,7 +30,8 @@ SIZE = 64
 
 
 def calibrate(model: Any, seed: int = 0) -> None:
-    """Random gamma/beta, then moving statistics measured on 8 generated images.
+    """Random gamma/beta, a Normalization's statistics set as loaded weights set them
+    (EfficientNet), then moving statistics measured on 8 generated images.
 
     At 64x64: at 32x32 the last blocks see 1x1 maps, and a randomly initialised
     EfficientNetB0 calibrated on 8 images is so ill-conditioned there (activations in the
@@ -44,6 +45,15 @@ def calibrate(model: Any, seed: int = 0) -> None:
             bn.gamma.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
         if bn.center:
             bn.beta.assign(rng.normal(0.0, 0.5, shape).astype("float32"))
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, L.Normalization):  # non-default, as loaded weights set them
+            for variable in layer.weights:
+                name = str(variable.name).split("/")[-1].split(":")[0]
+                low, high = {"mean": (-0.2, 0.2), "variance": (0.5, 2.0)}.get(name, (4, 4))
+                shape = tuple(variable.shape)
+                variable.assign(rng.uniform(low, high, shape).astype(variable.dtype))
+            if hasattr(layer, "finalize_state"):
+                layer.finalize_state()
     bnfreeze.recalibrate(model, images(8, seed + 100), batch_size=8, verbose=0)
 
 
