@@ -7,7 +7,9 @@ as its entry says); the tables people read are parsed here and compared with it.
 from __future__ import annotations
 
 import inspect
+import pickle
 import re
+import traceback
 from pathlib import Path
 
 import bnfreeze
@@ -124,3 +126,33 @@ def test_the_readme_two_by_two_table_is_modes() -> None:
             placed[_mode_name(cell)] = (statistics, updated, affine)
     assert placed == _promised_by_modes()
     assert _default_marked(table) == [_freeze_default()]
+
+
+def test_the_api_reference_table_is_modes() -> None:
+    """docs/api.md's Modes table lists every mode as MODES does, and marks freeze's default."""
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    table = _table(_section(text, "### Modes"))
+    assert _by_column(table) == _promised_by_modes()
+    assert _default_marked(table) == [_freeze_default()]
+
+
+def test_errors_are_named_where_users_import_them() -> None:
+    """Every public error class says `bnfreeze.Name` in tracebacks, is `bnfreeze.Name`,
+    survives pickling with its message, and keeps its plain repr."""
+    errors = [
+        getattr(bnfreeze, name)
+        for name in bnfreeze.__all__
+        if isinstance(getattr(bnfreeze, name), type)
+        and issubclass(getattr(bnfreeze, name), bnfreeze.BNFreezeError)
+    ]
+    assert len(errors) == 11
+    for error in errors:
+        name = error.__name__
+        assert (error.__module__, getattr(bnfreeze, name)) == ("bnfreeze", error)
+        instance = error("what was received; what was expected")
+        assert traceback.format_exception_only(instance) == [
+            f"bnfreeze.{name}: what was received; what was expected\n"
+        ]
+        restored = pickle.loads(pickle.dumps(instance))
+        assert type(restored) is error and restored.args == instance.args
+        assert repr(instance) == f"{name}('what was received; what was expected')"
