@@ -104,7 +104,7 @@ def test_the_parser_finds_blocks_and_markers():
     assert python_blocks(page) == [
         (2, "a = 1", None),
         (9, "b = 2", "needs a GPU"),
-        (15, "c = a + 1", None),
+        (14, "c = a + 1", None),
     ]
 
 

@@ -7,8 +7,11 @@ as its entry says); the tables people read are parsed here and compared with it.
 from __future__ import annotations
 
 import inspect
+import os
 import pickle
 import re
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -156,3 +159,61 @@ def test_errors_are_named_where_users_import_them() -> None:
         restored = pickle.loads(pickle.dumps(instance))
         assert type(restored) is error and restored.args == instance.args
         assert repr(instance) == f"{name}('what was received; what was expected')"
+
+
+#: Loads argv[1] with the installed flavour's Keras, without importing bnfreeze; prints
+#: the error's first line (or LOADED) and whether bnfreeze got imported.
+_LOAD_WITHOUT_BNFREEZE = """
+import os, sys
+if os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true", "yes"):
+    import tf_keras as keras
+else:
+    import keras
+try:
+    keras.models.load_model(sys.argv[1])
+    print("LOADED")
+except Exception as error:
+    print(type(error).__name__ + ": " + " ".join(str(error).split()))
+print("bnfreeze imported:", "bnfreeze" in sys.modules)
+"""
+
+
+def test_a_frozen_model_needs_import_bnfreeze_to_load(tmp_path: Path) -> None:
+    """What docs/guide-freezing.md says: a frozen .keras file does not load in a process
+    that has not imported bnfreeze (Keras does not import bnfreeze for it), the error
+    names the frozen layer's registered name, and `import bnfreeze` first makes it load."""
+    from bnfreeze._compat import IS_TF_KERAS, keras
+
+    inputs = keras.Input((4,))
+    hidden = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+    bnfreeze.freeze(model)
+    path = str(tmp_path / "frozen.keras")
+    model.save(path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    plain = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_BNFREEZE, path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    ).stdout.splitlines()
+    assert plain[-1] == "bnfreeze imported: False"
+    expected = (
+        "TypeError: Error when deserializing class 'BatchNormalization'"
+        if IS_TF_KERAS
+        else "TypeError: <class 'keras.src.models.functional.Functional'> could not be "
+        "deserialized properly."
+    )
+    assert plain[0].startswith(expected), plain[0][:300]
+    assert "bnfreeze>Frozen" in plain[0]
+    with_import = subprocess.run(
+        [sys.executable, "-c", "import bnfreeze\n" + _LOAD_WITHOUT_BNFREEZE, path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    ).stdout.splitlines()
+    assert with_import == ["LOADED", "bnfreeze imported: True"]
