@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -82,7 +83,7 @@ def _verbose_option(parser: argparse.ArgumentParser, default: Any) -> None:
         "--verbose",
         action="store_true",
         default=default,
-        help="let TensorFlow's own logging through to stderr",
+        help="let TensorFlow's logging and Python warnings through to stderr",
     )
 
 
@@ -124,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("path", metavar="PATH", help="a .keras or .h5 model file")
     audit.add_argument("--json", action="store_true", help="print report.to_dict() as JSON")
     audit.add_argument(
-        "--all", action="store_true", help="one table row per layer (rows alike are grouped)"
+        "--all",
+        action="store_true",
+        help="one table row per layer (by default, layers that behave alike share a row)",
     )
     audit.add_argument(
         "--fail-on",
@@ -237,15 +240,23 @@ def _is_the_command() -> bool:
 
 
 def quiet_start() -> None:
-    """In the ``bnfreeze`` command, import Keras and TensorFlow with their start-up logging
-    below ``TF_CPP_MIN_LOG_LEVEL`` (3 unless the user set it) kept off stderr.
+    """In the ``bnfreeze`` command, read the arguments before anything imports Keras or
+    TensorFlow, then import them with their start-up logging below
+    ``TF_CPP_MIN_LOG_LEVEL`` (3 unless the user set it) kept off stderr.
 
     ``bnfreeze._startup``, the first module ``bnfreeze/__init__.py`` imports, calls it
     before anything imports TensorFlow (the console script and ``python -m`` import the
-    package before running ``main``). Elsewhere, with ``-v``/``--verbose``, or once
-    TensorFlow is imported, it does nothing.
+    package before running ``main``). ``--help`` and usage errors therefore exit here, in
+    well under a second, without importing Keras (``--version``, which names the Keras
+    flavour, is left to ``main``). Elsewhere it does nothing; with ``-v``/``--verbose``, or
+    once TensorFlow is imported, it only reads the arguments.
     """
-    if not _is_the_command() or _wants_verbose(sys.argv[1:]) or "tensorflow" in sys.modules:
+    if not _is_the_command():
+        return
+    arguments = sys.argv[1:]
+    if "--version" not in arguments[: arguments.index("--") if "--" in arguments else None]:
+        _parser().parse_args(arguments)  # --help and usage errors exit here
+    if _wants_verbose(arguments) or "tensorflow" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     captured: list[str] = []
@@ -258,14 +269,19 @@ def quiet_start() -> None:
 
 @contextlib.contextmanager
 def _quiet_loggers(verbose: bool) -> Iterator[None]:
-    """Keep TensorFlow's and absl's Python-side warnings (retracing, "No training
-    configuration found") out of a command's output, unless ``verbose``."""
+    """Keep TensorFlow's and absl's Python-side logging (retracing, "No training
+    configuration found") and Python warnings (Keras's "Skipping variable loading for
+    optimizer" when ``audit --compile`` loads a model) out of a command's output, unless
+    ``verbose``."""
     loggers = [] if verbose else [logging.getLogger(name) for name in ("tensorflow", "absl")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
@@ -385,6 +401,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
             f"Cannot write {args.output!r}: expected a file name ending in .keras or .h5 "
             "(or .hdf5).",
         )
+    _check_output_directory(args.output)
     model = _load(args.path, compile=False)
     folded, report = bnfreeze.fold(model, return_report=True)
     folded.save(args.output)
@@ -393,6 +410,17 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     else:
         print(f"{report}\n\nsaved to {args.output}")
     return EXIT_OK
+
+
+def _check_output_directory(output: str) -> None:
+    """Fail before the model is loaded and folded when ``output`` cannot be written."""
+    directory = os.path.dirname(output) or "."
+    if not os.path.isdir(directory):
+        raise InputError(
+            "FileNotFoundError",
+            f"Cannot write {output!r}: there is no directory {directory!r}. Expected OUT in "
+            "an existing directory: create it first, or choose another path.",
+        )
 
 
 _COMMANDS = {"audit": _cmd_audit, "demo": _cmd_demo, "fold": _cmd_fold}

@@ -19,6 +19,9 @@ class                       also a                          raised for
 ``SavedFormatError``        ``ValueError``                  a saved pinned layer of an
                                                             unknown format version
 ==========================  =============================  ==================================
+
+Each class's ``__module__`` is ``"bnfreeze"``, where users import it from: tracebacks print
+``bnfreeze.ModeError``, and pickle finds the class there.
 """
 
 from __future__ import annotations
@@ -27,42 +30,64 @@ from __future__ import annotations
 class BNFreezeError(ValueError):
     """Base class of bnfreeze's errors about arguments, models and data."""
 
+    __module__ = "bnfreeze"
+
 
 class ArgumentError(BNFreezeError):
     """An argument with a value the function cannot use (``steps=0``, ``upstream="x"``)."""
+
+    __module__ = "bnfreeze"
 
 
 class ArgumentTypeError(ArgumentError, TypeError):
     """An argument of the wrong type (``keep_dropout="yes"``)."""
 
+    __module__ = "bnfreeze"
+
 
 class ModeError(BNFreezeError):
     """An unknown ``bn_mode`` (or other mode string)."""
+
+    __module__ = "bnfreeze"
 
 
 class SelectionError(BNFreezeError):
     """A layer selector that is malformed or matches nothing."""
 
+    __module__ = "bnfreeze"
+
 
 class ModelError(BNFreezeError, TypeError):
     """Not a Keras model of the installed flavour, or not built."""
+
+    __module__ = "bnfreeze"
 
 
 class UnsupportedLayerError(BNFreezeError, TypeError):
     """A BatchNormalization variant whose statistics bnfreeze cannot pin."""
 
+    __module__ = "bnfreeze"
+
 
 class FindingsError(BNFreezeError):
     """Raised by ``AuditReport.raise_for_findings`` when an audit has findings."""
+
+    __module__ = "bnfreeze"
 
 
 class DataError(BNFreezeError):
     """``data`` is empty, malformed, non-finite or cannot be read as needed."""
 
+    __module__ = "bnfreeze"
+
 
 class BackendError(BNFreezeError):
     """A function that needs Keras's TensorFlow backend was called on another backend."""
 
+    __module__ = "bnfreeze"
+
 
 class SavedFormatError(BNFreezeError):
     """A saved pinned layer whose format version this bnfreeze does not know."""
+
+    __module__ = "bnfreeze"

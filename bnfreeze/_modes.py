@@ -68,7 +68,7 @@ def check_mode(value: object, *, argument: str = "bn_mode") -> ModeSpec:
     >>> check_mode("infer")
     Traceback (most recent call last):
     ...
-    bnfreeze._errors.ModeError: Expected `bn_mode` to be one of ('inference', 'affine', 'adapt', 'train'). Received: bn_mode='infer'. Did you mean 'inference'?
+    bnfreeze.ModeError: Expected `bn_mode` to be one of ('inference', 'affine', 'adapt', 'train'). Received: bn_mode='infer'. Did you mean 'inference'?
     """
     if isinstance(value, str) and value in MODES:
         return MODES[value]

@@ -13,9 +13,11 @@ import sys
 import zipfile
 from typing import Any
 
+import numpy as np
 import pytest
 
 import bnfreeze
+import bnfreeze._compat
 from bnfreeze._cli import main
 from bnfreeze._compat import HONOURS_GRAPH_TRAINING, flavour_label, keras
 
@@ -126,6 +128,72 @@ def test_usage_errors_are_one_line_exit_2(capsys, args, expected):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == expected + "\n"
+
+
+#: Runs the console script as its own process would, then writes the top-level packages
+#: that process imported to the file named by argv[1] (also after SystemExit).
+_LIST_IMPORTS = """
+import json, runpy, sys
+out, sys.argv = sys.argv[1], sys.argv[2:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open(out, "w") as file:
+        json.dump(sorted({name.split(".")[0] for name in sys.modules}), file)
+"""
+
+
+def _modules_imported(
+    tmp_path: Any, *args: str
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run the console script with ``args`` in a fresh interpreter; return its result and
+    the top-level packages the process had imported when it exited."""
+    listing = tmp_path / "modules.json"
+    result = subprocess.run(
+        [sys.executable, "-c", _LIST_IMPORTS, str(listing), SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    return result, set(json.loads(listing.read_text()))
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (("--help",), 0),
+        (("audit", "--help"), 0),
+        (("frobnicate",), 2),
+        (("audit",), 2),
+        (("fold", "in.keras"), 2),
+    ],
+    ids=["help", "audit-help", "unknown-command", "audit-without-path", "fold-without-out"],
+)
+def test_help_and_usage_errors_answer_before_keras_is_imported(tmp_path, args, status):
+    """`bnfreeze --help` and usage errors are answered from the arguments alone: the
+    process imports neither Keras nor TensorFlow (so it answers at once), prints the
+    same help or one-line error as in-process `main`, and exits 0 or 2."""
+    result, packages = _modules_imported(tmp_path, *args)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert not packages & {"keras", "tensorflow", "tf_keras", "jax", "torch"}, sorted(packages)
+    assert "bnfreeze" in packages
+    if status == 0:
+        assert result.stdout.startswith(f"usage: bnfreeze {' '.join(args[:-1])}".rstrip())
+    else:
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("UsageError: "), result.stderr
+
+
+def test_audit_all_help_says_what_it_changes(capsys):
+    """`bnfreeze audit --help` says that --all gives one row per layer and that rows are
+    grouped without it (not the other way round)."""
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--all one table row per layer (by default, layers that behave alike share a row)" in text
+    )
 
 
 # --- stderr holds only our own messages --------------------------------------------------
@@ -415,3 +483,35 @@ def test_audit_subprocess_json_and_a_quiet_stderr(tmp_path):
     assert json.loads(result.stdout) == json.loads(json.dumps(report.to_dict(), default=str))
     if not HONOURS_GRAPH_TRAINING:
         assert report.findings
+
+
+def test_fold_into_a_missing_directory_fails_before_loading(tmp_path):
+    """`bnfreeze fold IN missing/dir/out.keras`: exit 2 with one line about OUT before IN
+    is even read (a corrupt IN would otherwise be the error), and nothing is written."""
+    garbage = _garbage(tmp_path, "garbage.keras")
+    output = str(tmp_path / "missing" / "dir" / "out.keras")
+    result = run_cli("fold", garbage, output)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"FileNotFoundError: Cannot write '{output}': there is no directory "
+        f"'{os.path.dirname(output)}'. Expected OUT in an existing directory: create it "
+        "first, or choose another path.\n"
+    )
+    assert not (tmp_path / "missing").exists()
+
+
+def test_audit_compile_keeps_keras_warnings_off_stderr(tmp_path):
+    """`bnfreeze audit --compile` on a model saved with its optimizer state: Keras's
+    UserWarning about the optimizer's variables stays off stderr (only -v shows it), and
+    the output is the same audit."""
+    model = _bn_model()
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((4, 4)), np.ones((4, 2)), verbose=0)  # Adam has slot variables now
+    bnfreeze.freeze(model.get_layer("base"))
+    path = _save(model, tmp_path / "compiled.keras")
+    quiet = run_cli("audit", "--compile", "--fail-on", "never", path)
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+    loud = run_cli("audit", "--compile", "--fail-on", "never", "-v", path)
+    assert loud.stdout == quiet.stdout
+    if not bnfreeze._compat.IS_TF_KERAS:
+        assert "UserWarning" in loud.stderr

@@ -7,7 +7,12 @@ as its entry says); the tables people read are parsed here and compared with it.
 from __future__ import annotations
 
 import inspect
+import os
+import pickle
 import re
+import subprocess
+import sys
+import traceback
 from pathlib import Path
 
 import bnfreeze
@@ -124,3 +129,92 @@ def test_the_readme_two_by_two_table_is_modes() -> None:
             placed[_mode_name(cell)] = (statistics, updated, affine)
     assert placed == _promised_by_modes()
     assert _default_marked(table) == [_freeze_default()]
+
+
+def test_the_api_reference_table_is_modes() -> None:
+    """docs/api.md's Modes table lists every mode as MODES does, and marks freeze's default."""
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    table = _table(_section(text, "### Modes"))
+    assert _by_column(table) == _promised_by_modes()
+    assert _default_marked(table) == [_freeze_default()]
+
+
+def test_errors_are_named_where_users_import_them() -> None:
+    """Every public error class says `bnfreeze.Name` in tracebacks, is `bnfreeze.Name`,
+    survives pickling with its message, and keeps its plain repr."""
+    errors = [
+        getattr(bnfreeze, name)
+        for name in bnfreeze.__all__
+        if isinstance(getattr(bnfreeze, name), type)
+        and issubclass(getattr(bnfreeze, name), bnfreeze.BNFreezeError)
+    ]
+    assert len(errors) == 11
+    for error in errors:
+        name = error.__name__
+        assert (error.__module__, getattr(bnfreeze, name)) == ("bnfreeze", error)
+        instance = error("what was received; what was expected")
+        assert traceback.format_exception_only(instance) == [
+            f"bnfreeze.{name}: what was received; what was expected\n"
+        ]
+        restored = pickle.loads(pickle.dumps(instance))
+        assert type(restored) is error and restored.args == instance.args
+        assert repr(instance) == f"{name}('what was received; what was expected')"
+
+
+#: Loads argv[1] with the installed flavour's Keras, without importing bnfreeze; prints
+#: the error's first line (or LOADED) and whether bnfreeze got imported.
+_LOAD_WITHOUT_BNFREEZE = """
+import os, sys
+if os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true", "yes"):
+    import tf_keras as keras
+else:
+    import keras
+try:
+    keras.models.load_model(sys.argv[1])
+    print("LOADED")
+except Exception as error:
+    print(type(error).__name__ + ": " + " ".join(str(error).split()))
+print("bnfreeze imported:", "bnfreeze" in sys.modules)
+"""
+
+
+def test_a_frozen_model_needs_import_bnfreeze_to_load(tmp_path: Path) -> None:
+    """What docs/guide-freezing.md says: a frozen .keras file does not load in a process
+    that has not imported bnfreeze (Keras does not import bnfreeze for it), the error
+    names the frozen layer's registered name, and `import bnfreeze` first makes it load."""
+    from bnfreeze._compat import IS_TF_KERAS, keras
+
+    inputs = keras.Input((4,))
+    hidden = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+    bnfreeze.freeze(model)
+    path = str(tmp_path / "frozen.keras")
+    model.save(path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    plain = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_BNFREEZE, path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    ).stdout.splitlines()
+    assert plain[-1] == "bnfreeze imported: False"
+    expected = (
+        "TypeError: Error when deserializing class 'BatchNormalization'"
+        if IS_TF_KERAS
+        else "TypeError: <class 'keras.src.models.functional.Functional'> could not be "
+        "deserialized properly."
+    )
+    assert plain[0].startswith(expected), plain[0][:300]
+    if not IS_TF_KERAS:  # tf-keras's message shows the layer's config without the name
+        assert "'registered_name': 'bnfreeze>Frozen'" in plain[0]
+    with_import = subprocess.run(
+        [sys.executable, "-c", "import bnfreeze\n" + _LOAD_WITHOUT_BNFREEZE, path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    ).stdout.splitlines()
+    assert with_import == ["LOADED", "bnfreeze imported: True"]
