@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bnfreeze._compat import fit_trainable_variables, flavour_label, require_tensorflow_backend
+from bnfreeze._compat import (
+    fit_trainable_variables,
+    flatten,
+    flavour_label,
+    require_tensorflow_backend,
+)
 from bnfreeze._data import batch_spec
 from bnfreeze._errors import ArgumentError, ModelError
 from bnfreeze._findings import Context, all_findings
@@ -113,10 +118,9 @@ def _check_batch_size(batch_size: Any) -> None:
 
 def _static_batch(spec: Any) -> int | None:
     """The batch size fixed in the input signature (``None``: any)."""
-    import tensorflow as tf
-
-    first = tf.nest.flatten(spec)[0]
-    return first.shape[0] if first.shape.rank else None
+    first = flatten(spec)[0]
+    shape = tuple(first.shape)
+    return shape[0] if shape else None
 
 
 def _behaviour(layer: Any, obs: Observation, *, fit: bool, trains: bool) -> Behaviour:

@@ -49,6 +49,13 @@ __all__ = [
     "OPTIMIZER_BUILT",
     "OPTIMIZER_INDEX",
     "backend_name",
+    "flatten",
+    "is_tensorflow_backend",
+    "map_structure",
+    "same_structure",
+    "current_stateless_scope",
+    "symbolic_pass",
+    "symbolic_spec",
     "bn_branch_decided_upfront",
     "bn_cast_dtype",
     "bn_uses_batch_statistics",
@@ -121,6 +128,83 @@ def backend_name() -> str:
     if IS_TF_KERAS:
         return "tensorflow"
     return str(keras.backend.backend())
+
+
+def is_tensorflow_backend() -> bool:
+    """Whether Keras runs on TensorFlow (tf-keras always does)."""
+    return backend_name() == "tensorflow"
+
+
+# --- nested structures: tf.nest where TensorFlow is the backend, keras.tree elsewhere ------
+
+
+def flatten(structure: Any) -> list[Any]:
+    """The leaves of a nested structure (dicts by sorted key), as ``tf.nest.flatten``."""
+    if is_tensorflow_backend():
+        import tensorflow as tf
+
+        return list(tf.nest.flatten(structure))
+    return list(keras.tree.flatten(structure))
+
+
+def map_structure(function: Any, *structures: Any) -> Any:
+    """``function`` applied to every leaf, as ``tf.nest.map_structure``."""
+    if is_tensorflow_backend():
+        import tensorflow as tf
+
+        return tf.nest.map_structure(function, *structures)
+    return keras.tree.map_structure(function, *structures)
+
+
+def same_structure(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` nest alike, container types included."""
+    try:
+        if is_tensorflow_backend():
+            import tensorflow as tf
+
+            tf.nest.assert_same_structure(a, b, check_types=True)
+        else:
+            keras.tree.assert_same_structure(a, b, check_types=True)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def symbolic_spec(shape: tuple[Any, ...], dtype: Any) -> Any:
+    """The spec of a tensor of ``shape`` and ``dtype`` (``None``: any size): a
+    ``tf.TensorSpec`` where TensorFlow is the backend, a ``keras.KerasTensor`` elsewhere."""
+    if is_tensorflow_backend():
+        import tensorflow as tf
+
+        return tf.TensorSpec(shape, dtype)
+    return keras.KerasTensor(shape, dtype=dtype)
+
+
+# --- Keras 3's symbolic pass (private API: tests/test_backend_compat.py guards it) ---------
+
+
+def symbolic_pass(function: Any, spec: Any) -> Any:
+    """Run ``function(inputs)`` the way Keras computes output specs, nothing executed.
+
+    Keras 3's ``backend.compute_output_spec`` turns the ``KerasTensor`` leaves of ``spec``
+    into the backend's placeholders (a TensorFlow ``FuncGraph``, JAX abstract values,
+    torch tensors on the ``meta`` device) and calls ``function`` inside a
+    ``StatelessScope``: every ``variable.assign`` it makes is recorded in that scope (read
+    it with :func:`current_stateless_scope` while the pass runs) and no variable changes.
+    The backend may run ``function`` more than once (torch retries with other sizes for
+    ``None`` dimensions, and on real tensors when the meta device fails). Returns its
+    output specs.
+    """
+    from keras.src import backend as _backend
+
+    return _backend.compute_output_spec(function, spec)
+
+
+def current_stateless_scope() -> Any:
+    """The innermost active ``StatelessScope`` (``None``: none)."""
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    return get_stateless_scope()
 
 
 def require_tensorflow_backend(function: str) -> None:

@@ -16,7 +16,6 @@ from bnfreeze._data import open_source
 from bnfreeze._errors import ArgumentError, DataError, SelectionError
 from bnfreeze._kinds import check_supported_batch_norm, is_batch_norm
 from bnfreeze._moments import Moments
-from bnfreeze._runner import runner as make_runner
 from bnfreeze._select import Selector, select
 from bnfreeze._walk import Node, check_model, walk
 
@@ -98,12 +97,21 @@ def recalibrate(
     # With one batch, each BN's recalibrated statistics are those of the batch itself:
     # upstream="batch" gives them in one pass, unless a selected BN is called twice.
     fast = upstream == "recalibrated" and one_batch
+    make_runner = _runner_factory()
     runner = make_runner(model, nodes, targets, "batch" if fast else upstream)
     found = runner.run(source, verbose_level)
     if fast and runner.called_twice:
         found = make_runner(model, nodes, targets, "recalibrated").run(source, verbose_level)
     runner.assign(_finalise(targets, found))
     return model
+
+
+def _runner_factory() -> Any:
+    """The runner for this backend: TensorFlow's ``tf.function`` pass (`_runner`), or the
+    trainer's own predict loop with ``keras.ops`` (`_runner_keras`) on JAX and PyTorch."""
+    from bnfreeze._runner import runner
+
+    return runner
 
 
 # --- argument checks ------------------------------------------------------------------
