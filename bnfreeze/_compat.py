@@ -358,9 +358,11 @@ def _tf_keras_compiled_state(model: Any) -> Any:
 def fit_trainable_variables(model: Any) -> tuple[list[Any], str]:
     """The variables the next ``fit`` step would train, and where that set comes from.
 
-    Keras 3: once ``fit`` has traced its train function, the function and the optimizer
-    keep the set of trainable variables of that moment (until ``compile()`` again);
-    otherwise the current set. tf-keras: the flags recorded at ``compile()``.
+    Keras 3 on TensorFlow and JAX: once ``fit`` has traced its train function, the
+    function and the optimizer keep the set of trainable variables of that moment (until
+    ``compile()`` again; on JAX a ``fit`` with a changed set fails); otherwise, and always
+    on PyTorch (its train step reads the current flags), the current set. tf-keras: the
+    flags recorded at ``compile()``.
     """
     if IS_TF_KERAS:
         if _tf_keras_compiled_state(model) is None:
@@ -369,7 +371,8 @@ def fit_trainable_variables(model: Any) -> tuple[list[Any], str]:
             return list(model.trainable_weights), "compile"
     optimizer = getattr(model, "optimizer", None)
     if (
-        getattr(model, "train_function", None) is not None
+        backend_name() != "torch"
+        and getattr(model, "train_function", None) is not None
         and optimizer is not None
         and getattr(optimizer, "built", False)
         and getattr(optimizer, "_trainable_variables", None) is not None
@@ -424,12 +427,28 @@ def strategy_of(model: Any) -> Any:
     """The ``tf.distribute`` strategy ``fit`` runs ``model`` under (the default one if none).
 
     A model created in ``strategy.scope()`` keeps its strategy; otherwise the strategy
-    whose scope is active now.
+    whose scope is active now. On JAX and PyTorch, where ``tf.distribute`` does not
+    apply, one replica (``keras.distribution`` shards a batch inside one program, and BN
+    sees the global batch there: KERAS_FACTS fact 20).
     """
+    if not is_tensorflow_backend():
+        return _ONE_REPLICA
     import tensorflow as tf
 
     strategy = getattr(model, "distribute_strategy", None)
     return strategy if strategy is not None else tf.distribute.get_strategy()
+
+
+class _OneReplica:
+    """What bnfreeze reads of a strategy, where there is none (JAX, PyTorch)."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self) -> Any:
+        return contextlib.nullcontext()
+
+
+_ONE_REPLICA = _OneReplica()
 
 
 def tf_variable(variable: Any) -> Any:
