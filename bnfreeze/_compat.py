@@ -52,6 +52,7 @@ __all__ = [
     "flatten",
     "is_tensorflow_backend",
     "map_structure",
+    "pack_sequence_as",
     "same_structure",
     "current_stateless_scope",
     "symbolic_pass",
@@ -154,6 +155,15 @@ def map_structure(function: Any, *structures: Any) -> Any:
 
         return tf.nest.map_structure(function, *structures)
     return keras.tree.map_structure(function, *structures)
+
+
+def pack_sequence_as(structure: Any, leaves: list[Any]) -> Any:
+    """``leaves`` in the nesting of ``structure``, as ``tf.nest.pack_sequence_as``."""
+    if is_tensorflow_backend():
+        import tensorflow as tf
+
+        return tf.nest.pack_sequence_as(structure, leaves)
+    return keras.tree.pack_sequence_as(structure, leaves)
 
 
 def same_structure(a: Any, b: Any) -> bool:
