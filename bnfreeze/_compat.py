@@ -174,7 +174,9 @@ def same_structure(a: Any, b: Any) -> bool:
 
             tf.nest.assert_same_structure(a, b, check_types=True)
         else:
-            keras.tree.assert_same_structure(a, b, check_types=True)
+            keras.tree.assert_same_structure(a, b)  # container types: checked below
+            if type(a) is not type(b):
+                return False
     except (TypeError, ValueError):
         return False
     return True

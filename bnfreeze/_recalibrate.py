@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bnfreeze._compat import require_tensorflow_backend
+from bnfreeze._compat import is_tensorflow_backend
 from bnfreeze._data import open_source
 from bnfreeze._errors import ArgumentError, DataError, SelectionError
 from bnfreeze._kinds import check_supported_batch_norm, is_batch_norm
@@ -74,7 +74,6 @@ def recalibrate(
         True
     """
     check_model(model, function="recalibrate")
-    require_tensorflow_backend("recalibrate")
     if not (isinstance(upstream, str) and upstream in UPSTREAM_VALUES):
         raise ArgumentError(
             f"Expected `upstream` to be one of {UPSTREAM_VALUES}. Received: upstream={upstream!r}."
@@ -109,9 +108,13 @@ def recalibrate(
 def _runner_factory() -> Any:
     """The runner for this backend: TensorFlow's ``tf.function`` pass (`_runner`), or the
     trainer's own predict loop with ``keras.ops`` (`_runner_keras`) on JAX and PyTorch."""
-    from bnfreeze._runner import runner
+    if is_tensorflow_backend():
+        from bnfreeze._runner import runner
 
-    return runner
+        return runner
+    from bnfreeze._runner_keras import runner as keras_runner
+
+    return keras_runner
 
 
 # --- argument checks ------------------------------------------------------------------
