@@ -27,6 +27,12 @@ def _far_data(shape: tuple[int, ...], n: int = 200, seed: int = 0) -> np.ndarray
 
 
 @pytest.mark.parametrize("shape", [(3,), (5, 5, 4)], ids=["dense", "image"])
+@pytest.mark.xfail(
+    IS_TF_KERAS or backend_name() == "tensorflow",
+    strict=True,
+    reason="TensorFlow's fused fast path keeps each batch mean in float32: ~7e-6 relative "
+    "on inputs around 1000 (issue 15; the keras.ops runner adds a float64 residual)",
+)
 def test_statistics_are_exact_against_numpy_float64(shape):
     """Moving mean and variance equal numpy's float64 moments of the data (batches of
     uneven size), within 1.5e-6 relative."""
