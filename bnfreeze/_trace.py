@@ -284,7 +284,7 @@ class Tracer:
             # Its branch is decided before any op and its batch branch writes both moving
             # statistics: tracing its body adds nothing to observe (see the module doc).
             seen.shortcut = True
-            return keras.ops.cast(args[0], layer.compute_dtype)
+            return _cast(args[0], layer.compute_dtype)
         if self.symbolic:
             return self._writes_recorded(layer, seen, original, args, kwargs)
         import tensorflow as tf
@@ -357,6 +357,14 @@ class Tracer:
                     if name is not None:
                         names.setdefault(layer_id, set()).add(name)
         return names
+
+
+def _cast(tensor: Any, dtype: Any) -> Any:
+    if IS_TF_KERAS:  # no keras.ops in Keras 2
+        import tensorflow as tf
+
+        return tf.cast(tensor, dtype)
+    return keras.ops.cast(tensor, dtype)
 
 
 def _keras_spec(spec: Any) -> Any:
