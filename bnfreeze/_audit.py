@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bnfreeze._compat import fit_trainable_variables, flavour_label, require_tensorflow_backend
+from bnfreeze._compat import (
+    fit_trainable_variables,
+    flatten,
+    flavour_label,
+)
 from bnfreeze._data import batch_spec
 from bnfreeze._errors import ArgumentError, DataError, ModelError
 from bnfreeze._findings import Context, all_findings
@@ -46,7 +50,6 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
         An `AuditReport` (``print(report)``, ``report.rows``, ``report.findings``).
 
     Raises:
-        BackendError: Keras does not run on TensorFlow.
         ModelError: Not a built Keras model, or input shapes unknown and no ``x``.
         ArgumentError: ``batch_size`` is not a positive int.
 
@@ -62,7 +65,14 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
         >>> print(bnfreeze.audit(bnfreeze.freeze(model, "base")).row("base/bn").fit)
         inference
     """
-    require_tensorflow_backend("audit")
+    return build_report(model, x, batch_size)
+
+
+def build_report(
+    model: Any, x: Any = None, batch_size: int | None = None, *, symbolic: bool | None = None
+) -> AuditReport:
+    """`audit`'s work; ``symbolic=True`` traces with Keras 3's symbolic pass on TensorFlow
+    too (the default: on JAX and PyTorch only), which the backend tests compare."""
     check_model(model, function="audit")
     _check_batch_size(batch_size)
     spec = batch_spec(x) if x is not None else model_input_spec(model)
@@ -78,7 +88,7 @@ def audit(model: Any, x: Any = None, *, batch_size: int | None = None) -> AuditR
         spec = batch_spec(spec, batch_size)
     nodes = walk(model)
     row_nodes = [n for n in nodes if depends_on_phase(n.layer)]
-    obs = Tracer(model, nodes, row_nodes).run(spec)
+    obs = Tracer(model, nodes, row_nodes, symbolic=symbolic).run(spec)
     used_ids = {id(v) for v in fit_trainable_variables(model)[0]}
     row_ids = {id(n.layer) for n in row_nodes}
     records = []
@@ -147,10 +157,9 @@ def check_x_shapes(declared: Any, given: Any) -> None:
 
 def _static_batch(spec: Any) -> int | None:
     """The batch size fixed in the input signature (``None``: any)."""
-    import tensorflow as tf
-
-    first = tf.nest.flatten(spec)[0]
-    return first.shape[0] if first.shape.rank else None
+    first = flatten(spec)[0]
+    shape = tuple(first.shape)
+    return shape[0] if shape else None
 
 
 def _behaviour(layer: Any, obs: Observation, *, fit: bool, trains: bool) -> Behaviour:

@@ -49,6 +49,14 @@ __all__ = [
     "OPTIMIZER_BUILT",
     "OPTIMIZER_INDEX",
     "backend_name",
+    "flatten",
+    "is_tensorflow_backend",
+    "map_structure",
+    "pack_sequence_as",
+    "same_structure",
+    "current_stateless_scope",
+    "symbolic_pass",
+    "symbolic_spec",
     "bn_branch_decided_upfront",
     "bn_cast_dtype",
     "bn_uses_batch_statistics",
@@ -121,6 +129,94 @@ def backend_name() -> str:
     if IS_TF_KERAS:
         return "tensorflow"
     return str(keras.backend.backend())
+
+
+def is_tensorflow_backend() -> bool:
+    """Whether Keras runs on TensorFlow (tf-keras always does)."""
+    return backend_name() == "tensorflow"
+
+
+# --- nested structures: tf.nest where TensorFlow is the backend, keras.tree elsewhere ------
+
+
+def flatten(structure: Any) -> list[Any]:
+    """The leaves of a nested structure (dicts by sorted key), as ``tf.nest.flatten``."""
+    if is_tensorflow_backend():
+        import tensorflow as tf
+
+        return list(tf.nest.flatten(structure))
+    return list(keras.tree.flatten(structure))
+
+
+def map_structure(function: Any, *structures: Any) -> Any:
+    """``function`` applied to every leaf, as ``tf.nest.map_structure``."""
+    if is_tensorflow_backend():
+        import tensorflow as tf
+
+        return tf.nest.map_structure(function, *structures)
+    return keras.tree.map_structure(function, *structures)
+
+
+def pack_sequence_as(structure: Any, leaves: list[Any]) -> Any:
+    """``leaves`` in the nesting of ``structure``, as ``tf.nest.pack_sequence_as``."""
+    if is_tensorflow_backend():
+        import tensorflow as tf
+
+        return tf.nest.pack_sequence_as(structure, leaves)
+    return keras.tree.pack_sequence_as(structure, leaves)
+
+
+def same_structure(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` nest alike, container types included."""
+    try:
+        if is_tensorflow_backend():
+            import tensorflow as tf
+
+            tf.nest.assert_same_structure(a, b, check_types=True)
+        else:
+            keras.tree.assert_same_structure(a, b)  # container types: checked below
+            if type(a) is not type(b):
+                return False
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def symbolic_spec(shape: tuple[Any, ...], dtype: Any) -> Any:
+    """The spec of a tensor of ``shape`` and ``dtype`` (``None``: any size): a
+    ``tf.TensorSpec`` where TensorFlow is the backend, a ``keras.KerasTensor`` elsewhere."""
+    if is_tensorflow_backend():
+        import tensorflow as tf
+
+        return tf.TensorSpec(shape, dtype)
+    return keras.KerasTensor(shape, dtype=dtype)
+
+
+# --- Keras 3's symbolic pass (private API: tests/test_backend_compat.py guards it) ---------
+
+
+def symbolic_pass(function: Any, spec: Any) -> Any:
+    """Run ``function(inputs)`` the way Keras computes output specs, nothing executed.
+
+    Keras 3's ``backend.compute_output_spec`` turns the ``KerasTensor`` leaves of ``spec``
+    into the backend's placeholders (a TensorFlow ``FuncGraph``, JAX abstract values,
+    torch tensors on the ``meta`` device) and calls ``function`` inside a
+    ``StatelessScope``: every ``variable.assign`` it makes is recorded in that scope (read
+    it with :func:`current_stateless_scope` while the pass runs) and no variable changes.
+    The backend may run ``function`` more than once (torch retries with other sizes for
+    ``None`` dimensions, and on real tensors when the meta device fails). Returns its
+    output specs.
+    """
+    from keras.src import backend as _backend
+
+    return _backend.compute_output_spec(function, spec)
+
+
+def current_stateless_scope() -> Any:
+    """The innermost active ``StatelessScope`` (``None``: none)."""
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    return get_stateless_scope()
 
 
 def require_tensorflow_backend(function: str) -> None:
@@ -274,9 +370,11 @@ def _tf_keras_compiled_state(model: Any) -> Any:
 def fit_trainable_variables(model: Any) -> tuple[list[Any], str]:
     """The variables the next ``fit`` step would train, and where that set comes from.
 
-    Keras 3: once ``fit`` has traced its train function, the function and the optimizer
-    keep the set of trainable variables of that moment (until ``compile()`` again);
-    otherwise the current set. tf-keras: the flags recorded at ``compile()``.
+    Keras 3 on TensorFlow and JAX: once ``fit`` has traced its train function, the
+    function and the optimizer keep the set of trainable variables of that moment (until
+    ``compile()`` again; on JAX a ``fit`` with a changed set fails); otherwise, and always
+    on PyTorch (its train step reads the current flags), the current set. tf-keras: the
+    flags recorded at ``compile()``.
     """
     if IS_TF_KERAS:
         if _tf_keras_compiled_state(model) is None:
@@ -285,7 +383,8 @@ def fit_trainable_variables(model: Any) -> tuple[list[Any], str]:
             return list(model.trainable_weights), "compile"
     optimizer = getattr(model, "optimizer", None)
     if (
-        getattr(model, "train_function", None) is not None
+        backend_name() != "torch"
+        and getattr(model, "train_function", None) is not None
         and optimizer is not None
         and getattr(optimizer, "built", False)
         and getattr(optimizer, "_trainable_variables", None) is not None
@@ -340,12 +439,28 @@ def strategy_of(model: Any) -> Any:
     """The ``tf.distribute`` strategy ``fit`` runs ``model`` under (the default one if none).
 
     A model created in ``strategy.scope()`` keeps its strategy; otherwise the strategy
-    whose scope is active now.
+    whose scope is active now. On JAX and PyTorch, where ``tf.distribute`` does not
+    apply, one replica (``keras.distribution`` shards a batch inside one program, and BN
+    sees the global batch there: KERAS_FACTS fact 20).
     """
+    if not is_tensorflow_backend():
+        return _ONE_REPLICA
     import tensorflow as tf
 
     strategy = getattr(model, "distribute_strategy", None)
     return strategy if strategy is not None else tf.distribute.get_strategy()
+
+
+class _OneReplica:
+    """What bnfreeze reads of a strategy, where there is none (JAX, PyTorch)."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self) -> Any:
+        return contextlib.nullcontext()
+
+
+_ONE_REPLICA = _OneReplica()
 
 
 def tf_variable(variable: Any) -> Any:

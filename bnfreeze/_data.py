@@ -5,20 +5,30 @@
 Python generator) into a :class:`Source` of checked batches of ``x``: every batch is
 compared with the model's declared inputs and with the first batch (structure, kinds of
 values, shapes) before it is used, and empty batches are skipped. :func:`batch_spec`
-gives the ``tf.TensorSpec`` of a batch (recalibrate's traced step and the audit use it).
+gives the spec of a batch (recalibrate's traced step and the audit use it): a
+``tf.TensorSpec`` where TensorFlow is the backend, a ``keras.KerasTensor`` elsewhere.
+TensorFlow is never imported here: a ``tf.data.Dataset`` or a ``tf.Tensor`` can only be
+given when the caller imported it.
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 import types
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
-import tensorflow as tf
 
-from bnfreeze._compat import keras
+from bnfreeze._compat import (
+    flatten,
+    is_tensorflow_backend,
+    keras,
+    map_structure,
+    same_structure,
+    symbolic_spec,
+)
 from bnfreeze._errors import ArgumentError, DataError
 from bnfreeze._nodes import symbolic_inputs
 
@@ -28,31 +38,53 @@ __all__ = ["DEFAULT_BATCH_SIZE", "Source", "batch_spec", "open_source"]
 
 
 def batch_spec(structure: Any, batch_size: int | Literal["keep"] | None = None) -> Any:
-    """``tf.TensorSpec`` of every array, tensor or symbolic input in ``structure``, with
-    the batch dimension set to ``batch_size`` (``None``: any batch size; ``"keep"``: as is).
+    """The spec of every array, tensor or symbolic input in ``structure`` (a
+    ``tf.TensorSpec`` on TensorFlow, a ``keras.KerasTensor`` elsewhere), with the batch
+    dimension set to ``batch_size`` (``None``: any batch size; ``"keep"``: as is).
 
-    >>> batch_spec({"a": np.zeros((4, 3), "float32")})
-    {'a': TensorSpec(shape=(None, 3), dtype=tf.float32, name=None)}
+    >>> tuple(batch_spec({"a": np.zeros((4, 3), "float32")})["a"].shape)
+    (None, 3)
     """
 
     def one(value: Any) -> Any:
         if not (hasattr(value, "shape") and hasattr(value, "dtype")):
             value = np.asarray(value)
-        shape = tuple(value.shape)
-        dtype = value.dtype  # numpy dtypes (strings too) as they are; others by name
-        dtype = tf.as_dtype(dtype if isinstance(dtype, np.dtype) else getattr(dtype, "name", dtype))
+        shape = tuple(None if d is None else int(d) for d in value.shape)
         batch = shape[0] if batch_size == "keep" and shape else batch_size
-        return tf.TensorSpec((batch, *shape[1:]), dtype)
+        return symbolic_spec((batch, *shape[1:]), _dtype(value.dtype))
 
     if isinstance(structure, tuple):
         structure = list(structure)
-    return tf.nest.map_structure(one, structure)
+    return map_structure(one, structure)
+
+
+def _dtype(dtype: Any) -> Any:
+    """A dtype for a spec: numpy dtypes (strings too) as they are, others by name."""
+    if is_tensorflow_backend():
+        import tensorflow as tf
+
+        return tf.as_dtype(dtype if isinstance(dtype, np.dtype) else getattr(dtype, "name", dtype))
+    if isinstance(dtype, np.dtype) and dtype.kind in "OSU":
+        return "string"
+    return keras.backend.standardize_dtype(dtype)
+
+
+def _tf() -> Any:
+    """TensorFlow if something imported it already (a dataset or tensor can exist), else None."""
+    return sys.modules.get("tensorflow")
+
+
+def _is_tf_tensor(value: Any) -> bool:
+    tf = _tf()
+    return tf is not None and isinstance(value, tf.Tensor)
 
 
 def is_array(value: Any) -> bool:
     """A numpy array, a tensor, or anything array-like enough to be sliced and converted."""
-    return isinstance(value, (np.ndarray, tf.Tensor)) or (
-        hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__getitem__")
+    return (
+        isinstance(value, np.ndarray)
+        or _is_tf_tensor(value)
+        or (hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__getitem__"))
     )
 
 
@@ -181,7 +213,7 @@ class _ArraySource(Source):
 
     def __init__(self, x: Any, batch_size: int | None, steps: int | None) -> None:
         super().__init__(steps)
-        leaves = tf.nest.flatten(x)
+        leaves = flatten(x)
         if not leaves or not all(is_array(v) for v in leaves):
             kinds = sorted({type(v).__name__ for v in leaves}) or [type(x).__name__]
             raise DataError(
@@ -189,8 +221,8 @@ class _ArraySource(Source):
                 "tf.data.Dataset, a keras.utils.PyDataset or a Python generator. "
                 f"Received: {type(x).__name__} of {', '.join(kinds)}."
             )
-        self.x = tf.nest.map_structure(np.asarray, x)
-        sizes = {int(np.shape(v)[0]) if np.ndim(v) else -1 for v in tf.nest.flatten(self.x)}
+        self.x = map_structure(np.asarray, x)
+        sizes = {int(np.shape(v)[0]) if np.ndim(v) else -1 for v in flatten(self.x)}
         if len(sizes) != 1 or -1 in sizes:
             raise DataError(
                 "Expected every input array in `data` to have the same number of samples "
@@ -203,7 +235,7 @@ class _ArraySource(Source):
     def _raw(self) -> Iterator[Any]:
         for start in range(0, self.size, self.batch_size):
             stop = start + self.batch_size
-            yield tf.nest.map_structure(lambda v, a=start, b=stop: v[a:b], self.x)
+            yield map_structure(lambda v, a=start, b=stop: v[a:b], self.x)
 
 
 class _DatasetSource(Source):
@@ -213,7 +245,7 @@ class _DatasetSource(Source):
         super().__init__(steps)
         self.dataset = dataset
         cardinality = int(dataset.cardinality())
-        if cardinality == tf.data.INFINITE_CARDINALITY and steps is None:
+        if cardinality == _tf().data.INFINITE_CARDINALITY and steps is None:
             raise DataError(
                 "`data` is an infinite tf.data.Dataset (it repeats), so the pass would never "
                 "end. Expected `steps` to say how many batches to read."
@@ -279,7 +311,8 @@ class _GeneratorSource(Source):
 def open_source(data: Any, *, batch_size: int | None, steps: int | None, model: Any) -> Source:
     """The :class:`Source` for ``data``; ``batch_size`` applies to in-memory arrays only."""
     py_dataset = getattr(keras.utils, "PyDataset", None) or keras.utils.Sequence
-    if isinstance(data, tf.data.Dataset):
+    tf = _tf()
+    if tf is not None and isinstance(data, tf.data.Dataset):
         source: Source = _DatasetSource(data, steps)
     elif isinstance(data, (py_dataset, keras.utils.Sequence)):
         source = _PyDatasetSource(data, steps)
@@ -316,7 +349,7 @@ def _shape_text(shape: Any) -> str:
 
 
 def _shape(leaf: Any) -> tuple[int | None, ...]:
-    if isinstance(leaf, tf.Tensor):
+    if _is_tf_tensor(leaf):
         return tuple(leaf.shape)
     return tuple(int(d) for d in np.shape(leaf))
 
@@ -326,7 +359,8 @@ def _value_kind(leaf: Any) -> str:
     dtype = leaf.dtype
     if isinstance(dtype, np.dtype):
         return "strings" if dtype.kind in "OSU" else "numbers"
-    return "strings" if tf.as_dtype(getattr(dtype, "name", dtype)) == tf.string else "numbers"
+    name = str(getattr(dtype, "name", dtype))
+    return "strings" if name in ("string", "str", "<dtype: 'string'>") else "numbers"
 
 
 def _structure_text(x: Any) -> str:
@@ -338,7 +372,7 @@ def _structure_text(x: Any) -> str:
 
 
 def _check_leaves(x: Any, index: int) -> list[Any]:
-    leaves = list(tf.nest.flatten(x))
+    leaves = flatten(x)
     for leaf in leaves:
         if not is_array(leaf):
             raise DataError(
@@ -350,18 +384,13 @@ def _check_leaves(x: Any, index: int) -> list[Any]:
 
 def _check_like_first(first: Any, x: Any, index: int) -> None:
     """``x`` has the structure, kinds of values and ranks of the first batch."""
-    try:
-        tf.nest.assert_same_structure(first, x, check_types=True)
-        same = True
-    except (TypeError, ValueError):
-        same = False
-    if not same:
+    if not same_structure(first, x):
         raise DataError(
             f"Expected every batch of `data` to be structured as the first one, "
             f"{_structure_text(first)}. Received: {_batch_name(index)} that is "
             f"{_structure_text(x)}."
         )
-    for ref, leaf in zip(tf.nest.flatten(first), _check_leaves(x, index), strict=True):
+    for ref, leaf in zip(flatten(first), _check_leaves(x, index), strict=True):
         if _value_kind(leaf) != _value_kind(ref) or len(_shape(leaf)) != len(_shape(ref)):
             raise DataError(
                 f"Expected every batch of `data` to hold {_value_kind(ref)} of shape "
@@ -373,7 +402,7 @@ def _check_like_first(first: Any, x: Any, index: int) -> None:
 
 def _rows(x: Any, index: int) -> int:
     """The batch size of ``x``: the first dimension of every array in it."""
-    shapes = [_shape(leaf) for leaf in tf.nest.flatten(x)]
+    shapes = [_shape(leaf) for leaf in flatten(x)]
     sizes = {shape[0] for shape in shapes if shape}
     if len(sizes) != 1 or not all(shapes):
         raise DataError(

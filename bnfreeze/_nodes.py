@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bnfreeze._compat import FUNCTIONAL, IS_TF_KERAS, keras
+from bnfreeze._compat import FUNCTIONAL, IS_TF_KERAS, flatten, keras, symbolic_spec
 
 __all__ = [
     "first_call_spec",
@@ -123,8 +123,6 @@ def graph_calls(
     """Every layer call recorded in a functional ``graph`` (see :func:`layer_graph`), each
     after the calls that produce its inputs: ``(layer, args, kwargs, inputs, outputs)``
     with the symbolic tensors it consumes and produces as flat lists."""
-    import tensorflow as tf
-
     calls = []
     for depth in sorted(graph._nodes_by_depth, reverse=True):
         for node in graph._nodes_by_depth[depth]:
@@ -136,20 +134,20 @@ def graph_calls(
             else:
                 layer, args, kwargs = node.operation, node.arguments.args, node.arguments.kwargs
                 inputs = list(node.arguments.keras_tensors)
-            calls.append((layer, tuple(args), dict(kwargs), inputs, tf.nest.flatten(node.outputs)))
+            calls.append((layer, tuple(args), dict(kwargs), inputs, flatten(node.outputs)))
     return calls
 
 
 def first_call_spec(model: Any) -> Any:
-    """For a subclassed model: ``tf.TensorSpec`` (batch dimension ``None``) of the input of
-    its first call, or ``None`` when unknown.
+    """For a subclassed model: the spec (``_compat.symbolic_spec``, batch dimension
+    ``None``) of the input of its first call, or ``None`` when unknown.
 
     Keras 3 remembers a single tensor's shape (``_build_shapes_dict``; float32 assumed);
     tf-keras the specs of its first call (``_saved_model_inputs_spec``).
     """
-    import tensorflow as tf
-
     if IS_TF_KERAS:
+        import tensorflow as tf
+
         saved = getattr(model, "_saved_model_inputs_spec", None)
         if saved is None:
             return None
@@ -161,5 +159,5 @@ def first_call_spec(model: Any) -> Any:
         return None
     (shape,) = shapes.values()
     if isinstance(shape, (tuple, list)) and all(d is None or isinstance(d, int) for d in shape):
-        return tf.TensorSpec((None, *tuple(shape)[1:]), tf.float32)
+        return symbolic_spec((None, *tuple(shape)[1:]), "float32")
     return None

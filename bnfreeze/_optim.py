@@ -28,8 +28,6 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import tensorflow as tf
-
 from bnfreeze._compat import (
     OPTIMIZER_BUILT,
     OPTIMIZER_INDEX,
@@ -239,6 +237,8 @@ def _scales(opt: Any) -> dict[Any, Any]:
 
 
 def _times(learning_rate: Any, scale: Any) -> Any:
+    import tensorflow as tf  # only where it runs (TensorFlow backend): see issue 15
+
     value = tf.convert_to_tensor(learning_rate)
     return value * tf.cast(scale, value.dtype)
 

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from bnfreeze._compat import (
+    IS_TF_KERAS,
     compiled_loss_value,
     fit_trainable_state,
+    flatten,
     forward_state_variables,
     has_compiled_loss,
+    is_tensorflow_backend,
     keras,
-    require_tensorflow_backend,
+    pack_sequence_as,
     stateless_scope,
     to_numpy,
     trainer_forward,
@@ -138,7 +142,6 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
         and ``layers`` (largest first).
 
     Raises:
-        BackendError: Keras does not run on TensorFlow.
         ModelError: Not a built Keras model, or ``y`` without a compiled loss or ``loss=``.
         ArgumentTypeError: ``x``, ``y`` or ``loss`` of a type it cannot use.
         ArgumentError: ``x`` and ``y`` disagree in length, or ``x`` with the model's inputs.
@@ -154,7 +157,6 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
         >>> sorted(result.loss), result.layers[0].path
         (['inference', 'training'], 'bn')
     """
-    require_tensorflow_backend("compare_phases")
     check_model(model, function="compare_phases")
     x, y, loss_fn = check_batch(model, x, y, loss)
     rows = [n for n in walk(model) if depends_on_phase(n.layer)]
@@ -243,21 +245,48 @@ def compare_phases(model: Any, x: Any, y: Any = None, *, loss: Any = None) -> Ph
     return PhaseComparison(result_loss, values[0], entries)
 
 
-def _tensors(structure: Any) -> list[Any]:
-    import tensorflow as tf
+# --- tensor arithmetic: keras.ops on Keras 3 (every backend), TensorFlow on tf-keras -------
 
+
+def _ops() -> Any:
+    """The op namespace: ``keras.ops`` (Keras 3), or TensorFlow (tf-keras has no ops)."""
+    if IS_TF_KERAS:
+        import tensorflow as tf
+
+        return tf
+    return keras.ops
+
+
+def _cast(tensor: Any, dtype: str) -> Any:
+    return _ops().cast(tensor, dtype)
+
+
+def _tensors(structure: Any) -> list[Any]:
     return [
-        tf.cast(t, "float32")
-        for t in tf.nest.flatten(structure)
+        _cast(t, "float32")
+        for t in flatten(structure)
         if t is not None and hasattr(t, "shape") and hasattr(t, "dtype")
     ]
 
 
-def _half_sum_of_squares(tensors: list[Any]) -> Any:
-    import tensorflow as tf
+def _half_sum(tensor: Any) -> Any:
+    """``sum(t ** 2) / 2`` (TensorFlow's ``l2_loss``)."""
+    if IS_TF_KERAS:
+        import tensorflow as tf
 
-    sums = [tf.nn.l2_loss(t) for t in tensors]  # sum(t ** 2) / 2, one op each
-    return sums[0] if len(sums) == 1 else tf.add_n(sums)
+        return tf.nn.l2_loss(tensor)
+    return keras.ops.sum(keras.ops.square(tensor)) * 0.5
+
+
+def _total(values: list[Any]) -> Any:
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
+
+
+def _half_sum_of_squares(tensors: list[Any]) -> Any:
+    return _total([_half_sum(t) for t in tensors])
 
 
 def _divergence_terms(a: Any, b: Any, scale: Any) -> Any:
@@ -282,14 +311,15 @@ def _resolve(terms: list[Any]) -> list[float]:
 
     ``None`` terms (the layer behaves the same in both phases) give 0.0.
     """
-    import tensorflow as tf
-
+    ops = _ops()
     tensors = []
     for term in terms:
         if term is not None:
-            tensors.append(term[0])
-            tensors.append(term[2] if term[2] is not None else tf.constant(0.0))
-    table = to_numpy(tf.stack(tensors)).astype("float64") if tensors else np.zeros(0)
+            tensors.append(ops.reshape(term[0], [1]))
+            zero = ops.zeros([1], dtype=term[0].dtype)
+            tensors.append(ops.reshape(term[2], [1]) if term[2] is not None else zero)
+    join = ops.concat if IS_TF_KERAS else ops.concatenate
+    table = to_numpy(join(tensors, 0)).astype("float64") if tensors else np.zeros(0)
     values, row = [], 0
     for term in terms:
         if term is None:
@@ -305,17 +335,16 @@ def _resolve(terms: list[Any]) -> list[float]:
 
 
 def _loss_value(model: Any, x: Any, y: Any, y_pred: Any, loss: Any, *, training: bool) -> float:
-    import tensorflow as tf
-
+    ops = _ops()
+    mean = ops.reduce_mean if IS_TF_KERAS else ops.mean
+    total = ops.reduce_sum if IS_TF_KERAS else ops.sum
     if loss is None:
         value = compiled_loss_value(model, x, y, y_pred, training=training)
     else:
-        ys, preds = tf.nest.flatten(y), tf.nest.flatten(y_pred)
-        terms = [
-            tf.reduce_mean(tf.cast(loss(t, p), "float32")) for t, p in zip(ys, preds, strict=False)
-        ]
-        terms += [tf.reduce_sum(tf.cast(v, "float32")) for v in model.losses]
-        value = tf.add_n(terms)
+        ys, preds = flatten(y), flatten(y_pred)
+        terms = [mean(_cast(loss(t, p), "float32")) for t, p in zip(ys, preds, strict=False)]
+        terms += [total(_cast(v, "float32")) for v in model.losses]
+        value = _total(terms)
     return float(to_numpy(value))
 
 
@@ -405,16 +434,15 @@ def _leaves(value: Any, path: str) -> list[tuple[str, Any]]:
 
 def _arrays(name: str, value: Any, expected: str) -> list[tuple[str, Any]]:
     """Every leaf of ``value`` as ``(path, tensor)``: dense, numeric or string, batched."""
-    import tensorflow as tf
-
+    tf = sys.modules.get("tensorflow")  # a Dataset or sparse tensor implies it is imported
     found = []
     for path, leaf in _leaves(value, name) or [(name, value)]:
-        if isinstance(leaf, tf.data.Dataset):
+        if tf is not None and isinstance(leaf, tf.data.Dataset):
             raise ArgumentTypeError(
                 f"{expected} Received: {path} is a tf.data.Dataset. Take one batch from "
                 f"it first: `x, y = next(iter(dataset))`."
             )
-        if isinstance(leaf, (tf.SparseTensor, tf.RaggedTensor)):
+        if tf is not None and isinstance(leaf, (tf.SparseTensor, tf.RaggedTensor)):
             kind = type(leaf).__name__
             sparse = kind == "SparseTensor"
             dense = f"tf.sparse.to_dense({path})" if sparse else f"{path}.to_tensor()"
@@ -425,21 +453,13 @@ def _arrays(name: str, value: Any, expected: str) -> list[tuple[str, Any]]:
         if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
             kind = "" if leaf is None else f" ({type(leaf).__name__})"
             raise ArgumentTypeError(f"{expected} Received: {path}={leaf!r:.60}{kind}.")
-        try:
-            tensor = tf.convert_to_tensor(leaf)
-        except (TypeError, ValueError):
-            tensor = None
-        if tensor is None or not (
-            tensor.dtype.is_floating
-            or tensor.dtype.is_integer
-            or tensor.dtype.is_bool
-            or tensor.dtype == tf.string
-        ):
+        tensor = _as_tensor(leaf)
+        if tensor is None or _dtype_kind(tensor) not in ("float", "int", "bool", "string"):
             raise ArgumentTypeError(
                 f"Expected `{name}` to hold numbers (or strings, for a model that reads "
                 f"them). Received: {path} of dtype {getattr(leaf.dtype, 'name', leaf.dtype)}."
             )
-        if tensor.shape.rank == 0:
+        if len(tensor.shape) == 0:
             raise ArgumentError(
                 f"Expected `{name}` to have a batch dimension (one row per example). "
                 f"Received: {path} of shape ()."
@@ -448,21 +468,59 @@ def _arrays(name: str, value: Any, expected: str) -> list[tuple[str, Any]]:
     return found
 
 
+def _as_tensor(leaf: Any) -> Any:
+    """``leaf`` as a tensor of the backend (``None``: not convertible). TensorFlow (and
+    tf-keras) converts strings too; the other backends hold numbers only."""
+    try:
+        if is_tensorflow_backend():
+            import tensorflow as tf
+
+            return tf.convert_to_tensor(leaf)
+        if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "OSU":
+            return None
+        return keras.ops.convert_to_tensor(leaf)
+    except (TypeError, ValueError):
+        return None
+
+
+def _dtype_kind(tensor: Any) -> str:
+    """``"float"``, ``"int"``, ``"bool"``, ``"string"`` or ``"other"``."""
+    dtype = getattr(tensor.dtype, "name", None) or str(tensor.dtype)
+    dtype = dtype.removeprefix("torch.")
+    if dtype in ("string", "str"):
+        return "string"
+    if dtype == "bool":
+        return "bool"
+    for kind, prefixes in (
+        ("float", ("float", "bfloat", "half", "double")),
+        ("int", ("int", "uint")),
+    ):
+        if dtype.startswith(prefixes):
+            return kind
+    return "other"
+
+
+def _compatible(expected: Any, actual: Any) -> bool:
+    """Shapes of the same rank, equal wherever ``expected`` is known."""
+    want, got = tuple(expected), tuple(actual)
+    return len(want) == len(got) and all(
+        w is None or g is None or int(w) == int(g) for w, g in zip(want, got, strict=True)
+    )
+
+
 def _check_against_inputs(model: Any, x: Any, xs: list[tuple[str, Any]]) -> None:
     """The number of arrays and their shapes against the model's inputs, when it knows them."""
-    import tensorflow as tf
-
     spec = model_input_spec(model)
     if spec is None or isinstance(x, dict) or isinstance(spec, dict):
         return  # unknown, or matched by input name
-    specs = tf.nest.flatten(spec)
+    specs = flatten(spec)
     if len(specs) != len(xs):
         raise ArgumentError(
             f"Expected `x` to hold {_count(len(specs), 'array')}, one per input of model "
             f"{model.name!r}. Received: {_count(len(xs), 'array')}."
         )
     for (path, tensor), expected in zip(xs, specs, strict=True):
-        if not expected.shape.is_compatible_with(tensor.shape):
+        if not _compatible(_dims(expected.shape), _dims(tensor.shape)):
             raise ArgumentError(
                 f"Expected `{path}` to match the input shape of model {model.name!r}, "
                 f"{_shape(expected.shape)}. Received: {path} of shape {_shape(tensor.shape)}."
@@ -482,10 +540,12 @@ def _rows(name: str, arrays: list[tuple[str, Any]]) -> int:
     return int(tensor.shape[0])
 
 
-def _check_finite(path: str, tensor: Any) -> None:
-    import tensorflow as tf
+def _dims(shape: Any) -> tuple[Any, ...]:
+    return tuple(shape.as_list() if hasattr(shape, "as_list") else shape)
 
-    if not tensor.dtype.is_floating or bool(tf.reduce_all(tf.math.is_finite(tensor))):
+
+def _check_finite(path: str, tensor: Any) -> None:
+    if _dtype_kind(tensor) != "float" or bool(np.all(np.isfinite(to_numpy(tensor)))):
         return
     bad = np.argwhere(~np.isfinite(to_numpy(tensor)))
     raise DataError(
@@ -498,11 +558,9 @@ def _check_finite(path: str, tensor: Any) -> None:
 
 def _structure(original: Any, arrays: list[tuple[str, Any]]) -> Any:
     """The checked tensors in the structure of ``original`` (a tuple becomes a list)."""
-    import tensorflow as tf
-
     if isinstance(original, tuple):
         original = list(original)
-    return tf.nest.pack_sequence_as(original, [tensor for _path, tensor in arrays])
+    return pack_sequence_as(original, [tensor for _path, tensor in arrays])
 
 
 def _shape(shape: Any) -> str:

@@ -11,12 +11,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bnfreeze._compat import require_tensorflow_backend
+from bnfreeze._compat import is_tensorflow_backend
 from bnfreeze._data import open_source
 from bnfreeze._errors import ArgumentError, DataError, SelectionError
 from bnfreeze._kinds import check_recalibratable, is_batch_norm
 from bnfreeze._moments import Moments
-from bnfreeze._runner import runner as make_runner
 from bnfreeze._select import Selector, select
 from bnfreeze._walk import Node, check_model, walk
 
@@ -75,7 +74,6 @@ def recalibrate(
         True
     """
     check_model(model, function="recalibrate")
-    require_tensorflow_backend("recalibrate")
     if not (isinstance(upstream, str) and upstream in UPSTREAM_VALUES):
         raise ArgumentError(
             f"Expected `upstream` to be one of {UPSTREAM_VALUES}. Received: upstream={upstream!r}."
@@ -98,12 +96,25 @@ def recalibrate(
     # With one batch, each BN's recalibrated statistics are those of the batch itself:
     # upstream="batch" gives them in one pass, unless a selected BN is called twice.
     fast = upstream == "recalibrated" and one_batch
+    make_runner = _runner_factory()
     runner = make_runner(model, nodes, targets, "batch" if fast else upstream)
     found = runner.run(source, verbose_level)
     if fast and runner.called_twice:
         found = make_runner(model, nodes, targets, "recalibrated").run(source, verbose_level)
     runner.assign(_finalise(targets, found))
     return model
+
+
+def _runner_factory() -> Any:
+    """The runner for this backend: TensorFlow's ``tf.function`` pass (`_runner`), or the
+    trainer's own predict loop with ``keras.ops`` (`_runner_keras`) on JAX and PyTorch."""
+    if is_tensorflow_backend():
+        from bnfreeze._runner import runner
+
+        return runner
+    from bnfreeze._runner_keras import runner as keras_runner
+
+    return keras_runner
 
 
 # --- argument checks ------------------------------------------------------------------

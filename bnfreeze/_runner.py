@@ -34,7 +34,8 @@ from bnfreeze._kinds import (
     pinned_mode,
 )
 from bnfreeze._layers import intercepted
-from bnfreeze._moments import Moments, Plan, Role, bn_call
+from bnfreeze._moments import Moments, Plan, Role
+from bnfreeze._moments_tf import bn_call
 from bnfreeze._walk import Node
 
 __all__ = ["Runner", "runner"]

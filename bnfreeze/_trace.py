@@ -1,8 +1,12 @@
 """Observing what layers do in a traced pass, and the TensorFlow graph plumbing under it.
 
-A trace builds ops into a scratch graph but runs none, so no variable, seed or optimizer
-state changes: this is how ``fit``'s own ``tf.function`` sees the model before it first
-runs. `Tracer` traces the model the way the installed Keras's ``fit`` and
+A trace runs no op, so no variable, seed or optimizer state changes. On the TensorFlow
+backend (and tf-keras) it builds ops into a scratch graph: this is how ``fit``'s own
+``tf.function`` sees the model before it first runs. On JAX and PyTorch it is Keras 3's
+own symbolic pass (``_compat.symbolic_pass``: abstract values, the ``meta`` device),
+inside a ``StatelessScope`` that records every variable write instead of applying it.
+
+`Tracer` traces the model the way the installed Keras's ``fit`` and
 ``evaluate``/``predict`` call it (``model(x, training=True)`` / ``training=False``, or
 ``model(x)`` when Keras 3 leaves the argument out) while every learning-phase-dependent
 layer's ``call`` is intercepted to record
@@ -13,7 +17,8 @@ layer's ``call`` is intercepted to record
   it takes the batch-statistics branch, decided inside its call with the ``trainable``
   flags ``fit`` would use), and
 * which of its own state variables (moving statistics, power-iteration vectors) the
-  traced call writes, read from the assign ops it added to the graph.
+  traced call writes, read from the assign ops it added to the graph (TensorFlow) or
+  from the writes the ``StatelessScope`` recorded during the call (symbolic pass).
 
 The flavour's own ``BatchNormalization.call`` decides its branch first thing (Keras 3:
 ``training and self.trainable``; tf-keras: ``_get_training_value``; a pinned layer: its
@@ -34,10 +39,16 @@ from typing import Any
 import numpy as np
 
 from bnfreeze._compat import (
+    IS_TF_KERAS,
     bn_branch_decided_upfront,
     bn_uses_batch_statistics,
+    current_stateless_scope,
     fit_trainable_state,
+    is_tensorflow_backend,
+    keras,
+    map_structure,
     strategy_of,
+    symbolic_pass,
     tf_variable,
     trainer_forward,
 )
@@ -173,8 +184,19 @@ def _first_shape(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     if shape is None:
         return None
     try:
-        return tuple(None if d is None else int(d) for d in shape)
+        # A symbolic size (JAX's shape polymorphism, TensorFlow's unknown dimension) is None.
+        return tuple(d if isinstance(d, (int, np.integer)) else _static(d) for d in shape)
     except TypeError:
+        return None
+
+
+def _static(dim: Any) -> int | None:
+    value = getattr(dim, "value", dim)  # tf-keras's Dimension
+    if value is None or not hasattr(value, "__index__"):
+        return None
+    try:
+        return int(value)
+    except Exception:  # a symbolic size that refuses to be an int
         return None
 
 
@@ -211,8 +233,15 @@ class Tracer:
     that the ``training`` value each part receives is known.
     """
 
-    def __init__(self, model: Any, nodes: list[Node], rows: list[Node]) -> None:
+    def __init__(
+        self, model: Any, nodes: list[Node], rows: list[Node], *, symbolic: bool | None = None
+    ) -> None:
         self.model = model
+        #: Keras 3's symbolic pass (JAX, PyTorch), else a TensorFlow graph; ``symbolic=True``
+        #: forces the symbolic pass on TensorFlow too (the tests compare the two).
+        self.symbolic = (not is_tensorflow_backend()) if symbolic is None else symbolic
+        if self.symbolic and IS_TF_KERAS:
+            raise ValueError("tf-keras has no symbolic pass: trace with a TensorFlow graph")
         self.row_ids = {id(n.layer) for n in rows}
         self.watch = [n.layer for n in nodes if id(n.layer) in self.row_ids or n.is_container]
         self.state: dict[int, list[Any]] = {}
@@ -224,6 +253,10 @@ class Tracer:
     def run(self, spec: Any) -> Observation:
         """Trace the ``fit`` pass and the ``evaluate``/``predict`` pass on ``spec``."""
         with losses_kept(self.model), intercepted(self.watch, self.on_call):
+            if self.symbolic:
+                fit, infer = self._symbolic(spec, True), self._symbolic(spec, False)
+                names = self._state_ids()
+                return Observation(fit, infer, names, names)
             fit, fit_graph = self._trace(spec, True)
             infer, infer_graph = self._trace(spec, False)
         return Observation(fit, infer, self._state_names(fit_graph), self._state_names(infer_graph))
@@ -236,8 +269,6 @@ class Tracer:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        import tensorflow as tf
-
         seen = self.current.get(id(layer))
         first = seen is None
         if seen is None:
@@ -253,7 +284,11 @@ class Tracer:
             # Its branch is decided before any op and its batch branch writes both moving
             # statistics: tracing its body adds nothing to observe (see the module doc).
             seen.shortcut = True
-            return tf.cast(args[0], layer.compute_dtype)
+            return _cast(args[0], layer.compute_dtype)
+        if self.symbolic:
+            return self._writes_recorded(layer, seen, original, args, kwargs)
+        import tensorflow as tf
+
         graph = tf.compat.v1.get_default_graph()
         start = graph.version
         out = original(*args, **kwargs)
@@ -262,6 +297,38 @@ class Tracer:
                 if op.type in _ASSIGN_OPS and op.inputs:
                     seen.assigned.add(op.inputs[0].name)
         return out
+
+    def _writes_recorded(
+        self, layer: Any, seen: Seen, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Call ``original``; note which state variables it wrote in the stateless scope."""
+        state = self.state.get(id(layer)) or []
+        scope = current_stateless_scope()
+        mapping = getattr(scope, "state_mapping", None)
+        before = {id(v): mapping.get(id(v)) for v in state} if mapping is not None else {}
+        out = original(*args, **kwargs)
+        if mapping is not None:
+            for v in state:
+                if mapping.get(id(v)) is not before[id(v)]:
+                    seen.assigned.add(_state_id(v))
+        return out
+
+    def _symbolic(self, spec: Any, training: bool) -> dict[int, Seen]:
+        """The pass with Keras 3's symbolic tracing (every backend). The backend may run
+        the forward more than once (torch does): the last complete run counts."""
+        model = self.model
+
+        def forward(inputs: Any) -> Any:
+            self.current = {}
+            return trainer_forward(model, inputs, training=training)
+
+        self.current = {}
+        symbolic_pass(forward, map_structure(_keras_spec, spec))
+        return self.current
+
+    def _state_ids(self) -> dict[int, set[str]]:
+        """Layer id -> the names the symbolic pass gives its state variables."""
+        return {k: {_state_id(v) for v in vs} for k, vs in self.state.items() if vs}
 
     def _trace(self, spec: Any, training: bool) -> tuple[dict[int, Seen], Any]:
         self.current = {}
@@ -290,6 +357,26 @@ class Tracer:
                     if name is not None:
                         names.setdefault(layer_id, set()).add(name)
         return names
+
+
+def _cast(tensor: Any, dtype: Any) -> Any:
+    if IS_TF_KERAS:  # no keras.ops in Keras 2
+        import tensorflow as tf
+
+        return tf.cast(tensor, dtype)
+    return keras.ops.cast(tensor, dtype)
+
+
+def _keras_spec(spec: Any) -> Any:
+    """A ``keras.KerasTensor`` for a spec (a ``tf.TensorSpec`` on TensorFlow)."""
+    if isinstance(spec, keras.KerasTensor):
+        return spec
+    dtype = getattr(spec.dtype, "name", spec.dtype)
+    return keras.KerasTensor(tuple(spec.shape), dtype=dtype)
+
+
+def _state_id(variable: Any) -> str:
+    return f"variable-{id(variable)}"
 
 
 @contextlib.contextmanager
