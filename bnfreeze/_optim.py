@@ -37,7 +37,6 @@ from bnfreeze._compat import (
     keras,
     learning_rate_attribute,
     set_optimizer_attribute,
-    untrack_optimizer_variable,
 )
 
 _SCALES_ATTR = "_bnfreeze_lr_scales"  # {variable key: scalar tf.Variable}, on the optimizer
@@ -87,29 +86,41 @@ def knows(optimizer: Any, variable: Any) -> bool:
     return inner._var_key(variable) in getattr(inner, OPTIMIZER_INDEX)
 
 
-def add_variables(optimizer: Any, current: Sequence[Any], new: Sequence[Any]) -> None:
-    """Give ``optimizer`` fresh slots for ``new``, keeping all its state.
+def relayout(optimizer: Any, variables: Sequence[Any]) -> bool:
+    """Lay ``optimizer`` out exactly as one fresh ``build(variables)`` would, keeping state.
 
-    ``current`` are the variables ``fit`` trains now: an optimizer that is not built yet
-    is built on ``current + new`` (what tf-keras asks for: "call optimizer.build with the
-    full list of trainable variables before the training loop"). Variables it knows
-    already are skipped. Call it inside the model's distribution strategy scope.
+    ``variables`` are what ``fit`` trains from now on, in the model's order. A built
+    optimizer is built again over them by its own ``build``; every variable it knew keeps
+    its slot objects (so their values), every new one gets the slots ``build`` made for it,
+    and the slots of variables no longer listed are dropped. Its per-variable lists, its
+    index table, its list of variables (what saving writes, by position) and the moving
+    averages (``use_ema``, paired by position) are then those of a fresh build; a state
+    made once by ``build`` (``Nadam``'s ``u_product``) keeps its current object and value.
+    An optimizer that is not built yet is built. Returns whether anything changed. Call
+    it inside the model's distribution strategy scope.
     """
     optimizers = chain(optimizer)
     inner = optimizers[-1]
+    wanted = _unique(variables)
     if not bool(getattr(inner, OPTIMIZER_BUILT, False)):
-        optimizer.build(_unique([*current, *new]))
-        return
-    missing = _unique([v for v in new if not knows(optimizer, v)])
-    if not missing:
-        return
-    _grow(inner, missing, inner.build)
+        optimizer.build(wanted)
+        return True
+    if _laid_out_for(inner, wanted):
+        return False
+    _rebuild(inner, wanted, inner.build)
     for wrapper in optimizers[:-1]:
         # A Keras 3 LossScaleOptimizer keeps its own index of the inner one's variables
         # (the base class's part of its build); tf-keras's delegates everything.
         if isinstance(getattr(wrapper, OPTIMIZER_INDEX, None), dict):
             base_build = keras.optimizers.Optimizer.build.__get__(wrapper)
-            _grow(wrapper, missing, base_build)
+            _rebuild(wrapper, wanted, base_build)
+    return True
+
+
+def _laid_out_for(opt: Any, variables: list[Any]) -> bool:
+    index = getattr(opt, OPTIMIZER_INDEX)
+    keys = [opt._var_key(v) for v in variables]
+    return len(index) == len(keys) and all(index.get(k) == i for i, k in enumerate(keys))
 
 
 def _unique(variables: Sequence[Any]) -> list[Any]:
@@ -122,52 +133,75 @@ def _unique(variables: Sequence[Any]) -> list[Any]:
     return found
 
 
-def _grow(opt: Any, new: list[Any], build: Any) -> None:
-    """Run ``build(new)`` on the built ``opt`` and join what it made to what it had."""
+def _flat_variables(value: Any) -> list[Any]:
+    """The variables an optimizer attribute holds (a variable, or a list of them)."""
+    if isinstance(value, list | tuple):
+        return [v for v in value if _is_variable(v)]
+    return [value] if _is_variable(value) else []
+
+
+def _is_variable(value: Any) -> bool:
+    return value is not None and hasattr(value, "assign") and hasattr(value, "shape")
+
+
+def _rebuild(opt: Any, variables: list[Any], build: Any) -> None:
+    """Run ``build(variables)`` on the built ``opt``, then put back the state it had."""
     before = dict(vars(opt))
     old_index = dict(getattr(opt, OPTIMIZER_INDEX))
-    known_before = {id(v) for v in opt.variables}
-    count = len(old_index)
+    tracked = opt._variables
+    tracked_before = list(tracked)
+    known_before = {id(v) for v in tracked_before}
     set_optimizer_attribute(opt, OPTIMIZER_INDEX, {})
     set_optimizer_attribute(opt, OPTIMIZER_BUILT, False)
     try:
-        build(new)
+        build(variables)
     except BaseException:
         for name, value in before.items():
             if vars(opt).get(name) is not value:
                 set_optimizer_attribute(opt, name, value)
-        for variable in list(opt.variables):
-            if id(variable) not in known_before:
-                untrack_optimizer_variable(opt, variable)
+        _replace_contents(tracked, tracked_before)
         raise
     new_index = dict(getattr(opt, OPTIMIZER_INDEX))
-    joined = {**old_index, **{k: count + i for k, i in new_index.items()}}
-    set_optimizer_attribute(opt, OPTIMIZER_INDEX, joined)
-    set_optimizer_attribute(opt, OPTIMIZER_BUILT, True)
-    kept: set[int] = set()
+    created = [v for v in tracked if id(v) not in known_before]
+    keep: dict[int, Any] = {}  # id(variable build just made) -> the old one standing for it
+    rebuilt: set[int] = set()  # ids of the old variables the previous build had made
     for name, value in list(vars(opt).items()):
         old = before.get(name)
-        if name == OPTIMIZER_INDEX or value is old or name not in before:
+        if name == OPTIMIZER_INDEX or name not in before or value is old:
             continue
-        if isinstance(old, list) and len(old) == count and _per_variable(value, len(new)):
-            # Slots of the old variables, then of the new ones.
-            set_optimizer_attribute(opt, name, [*old, *value])
-            kept.update(id(v) for v in value)
-        elif isinstance(old, dict) and isinstance(value, dict):
-            # Tables keyed by variable (keras 3.16's weight-decay table).
-            set_optimizer_attribute(opt, name, {**old, **value})
-        else:
-            # State built once (Nadam's u_product): the old one goes on.
+        rebuilt.update(id(v) for v in _flat_variables(old))
+        if isinstance(old, list) and isinstance(value, list) and len(old) == len(old_index):
+            # One slot per variable: the old slot object goes on for a variable it knew.
+            joined = list(value)
+            for variable in variables:
+                key = opt._var_key(variable)
+                if key in old_index and _is_variable(joined[new_index[key]]):
+                    slot = old[old_index[key]]
+                    if _is_variable(slot):
+                        keep[id(joined[new_index[key]])] = slot
+                        joined[new_index[key]] = slot
+            set_optimizer_attribute(opt, name, joined)
+        elif _is_variable(old) and _is_variable(value):
+            keep[id(value)] = old  # made once by build (Nadam's u_product): keeps its value
             set_optimizer_attribute(opt, name, old)
-    for variable in list(opt.variables):
-        if id(variable) not in known_before and id(variable) not in kept:
-            untrack_optimizer_variable(opt, variable)
+    # What saving writes, by position: the state made before any build, then what one
+    # build makes, in the order it made it.
+    laid_out = [v for v in tracked_before if id(v) not in rebuilt]
+    laid_out += [keep.get(id(v), v) for v in created]
+    _replace_contents(tracked, laid_out)
     forget_optimizer_children(opt)
+    new = [v for v in variables if opt._var_key(v) not in old_index]
     _start_averages(opt, new)
 
 
-def _per_variable(value: Any, count: int) -> bool:
-    return isinstance(value, list) and len(value) == count
+def _replace_contents(tracked: Any, variables: list[Any]) -> None:
+    """Put ``variables`` in the optimizer's list of its variables, the list object kept
+    (Keras 3's tracker holds it); past the tracking list's own methods, which compare
+    variables with ``==``."""
+    if isinstance(tracked, list):
+        list.__setitem__(tracked, slice(None), variables)
+    else:
+        tracked[:] = variables
 
 
 def _start_averages(opt: Any, variables: Sequence[Any]) -> None:
