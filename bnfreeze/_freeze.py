@@ -25,7 +25,7 @@ from bnfreeze._kinds import (
 )
 from bnfreeze._layers import pinned_class
 from bnfreeze._modes import PINNED_INFERENCE, BNMode, check_mode
-from bnfreeze._optim import chain, refusal, relayout
+from bnfreeze._optim import chain, holds_state, refusal, relayout
 from bnfreeze._select import Selector, select
 from bnfreeze._walk import Node, check_model, walk
 
@@ -108,7 +108,8 @@ def keep_training(model: Any, compiled: bool) -> None:
     """
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and backend_name() == "tensorflow" and refusal(optimizer) is None:
-        if bool(getattr(chain(optimizer)[-1], OPTIMIZER_BUILT, False)):
+        built = bool(getattr(chain(optimizer)[-1], OPTIMIZER_BUILT, False))
+        if built or holds_state(optimizer):
             with strategy_of(model).scope():
                 relayout(optimizer, list(model.trainable_weights))
         _multipliers.install(model)

@@ -37,6 +37,7 @@ from bnfreeze._compat import (
     keras,
     learning_rate_attribute,
     set_optimizer_attribute,
+    to_numpy,
 )
 
 _SCALES_ATTR = "_bnfreeze_lr_scales"  # {variable key: scalar tf.Variable}, on the optimizer
@@ -104,8 +105,10 @@ def relayout(optimizer: Any, variables: Sequence[Any]) -> bool:
     wanted = _unique(variables)
     if not bool(getattr(inner, OPTIMIZER_BUILT, False)):
         optimizer.build(wanted)
+        _load_held(optimizer)
         return True
     if _laid_out_for(inner, wanted):
+        _load_held(optimizer)
         return False
     _rebuild(inner, wanted, inner.build)
     for wrapper in optimizers[:-1]:
@@ -114,7 +117,55 @@ def relayout(optimizer: Any, variables: Sequence[Any]) -> bool:
         if isinstance(getattr(wrapper, OPTIMIZER_INDEX, None), dict):
             base_build = keras.optimizers.Optimizer.build.__get__(wrapper)
             _rebuild(wrapper, wanted, base_build)
+    _load_held(optimizer)
     return True
+
+
+_HELD_ATTR = "_bnfreeze_held_state"  # saved optimizer values waiting for their layout
+
+
+def hold_unmatched_loads(optimizer: Any) -> None:
+    """Make ``optimizer`` keep saved state it cannot load yet instead of dropping it.
+
+    Keras loads an optimizer's saved variables by position, and skips them (with a
+    warning) when their number differs from its own. ``BackupAndRestore`` loads before
+    the epoch at which an ``Unfreeze`` gives the optimizer the layout that was saved: the
+    values are held, and :func:`relayout` loads them once the layout matches (same number
+    and shapes).
+    """
+    if _HELD_ATTR in vars(optimizer):
+        return
+    object.__setattr__(optimizer, _HELD_ATTR, None)
+    load_own_variables = optimizer.load_own_variables
+
+    def holding_load_own_variables(store: Any) -> Any:
+        if len(store.keys()) == len(optimizer.variables):
+            object.__setattr__(optimizer, _HELD_ATTR, None)
+            return load_own_variables(store)
+        held = [to_numpy(store[str(i)]).copy() for i in range(len(store.keys()))]
+        object.__setattr__(optimizer, _HELD_ATTR, held)
+        return None
+
+    object.__setattr__(optimizer, "load_own_variables", holding_load_own_variables)
+
+
+def holds_state(optimizer: Any) -> bool:
+    """Whether ``optimizer`` holds saved state waiting for its layout."""
+    return vars(optimizer).get(_HELD_ATTR) is not None
+
+
+def _load_held(optimizer: Any) -> None:
+    held = vars(optimizer).get(_HELD_ATTR)
+    if held is None:
+        return
+    variables = list(optimizer.variables)
+    if len(variables) != len(held) or any(
+        tuple(v.shape) != tuple(x.shape) for v, x in zip(variables, held, strict=True)
+    ):
+        return
+    for variable, value in zip(variables, held, strict=True):
+        variable.assign(value)
+    object.__setattr__(optimizer, _HELD_ATTR, None)
 
 
 def _laid_out_for(opt: Any, variables: list[Any]) -> bool:

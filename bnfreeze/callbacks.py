@@ -18,6 +18,7 @@ from bnfreeze._compat import (
     created_trainable_variables,
     keras,
     require_tensorflow_backend,
+    strategy_of,
     to_numpy,
     variable_path,
 )
@@ -25,7 +26,13 @@ from bnfreeze._errors import ArgumentError, ArgumentTypeError, ModeError, ModelE
 from bnfreeze._freeze import freeze, unfreeze
 from bnfreeze._modes import BNMode, check_mode
 from bnfreeze._multipliers import check_multiplier, set_multipliers
-from bnfreeze._optim import chain, divides_by_learning_rate, refusal
+from bnfreeze._optim import (
+    chain,
+    divides_by_learning_rate,
+    hold_unmatched_loads,
+    refusal,
+    relayout,
+)
 from bnfreeze._recalibrate import (
     UPSTREAM_VALUES,
     Upstream,
@@ -82,6 +89,16 @@ class _Stage(_Callback):  # type: ignore[misc]
                 "two fit calls and compile again."
             )
         return optimizer
+
+    @staticmethod
+    def _prepare(model: Any, optimizer: Any) -> None:
+        """Build the optimizer before ``fit`` traces its step, over what trains now (Keras
+        builds it inside the first traced step otherwise, where a build that assigns,
+        like ScheduleFreeAdamW's, becomes part of every step), and let it hold saved state
+        that ``BackupAndRestore`` loads before the epoch that gives it its layout."""
+        with strategy_of(model).scope():
+            relayout(optimizer, list(model.trainable_weights))
+        hold_unmatched_loads(optimizer)
 
 
 class Unfreeze(_Stage):
@@ -152,8 +169,10 @@ class Unfreeze(_Stage):
         """Check the selection and that the optimizer can learn new variables."""
         optimizer = self._check(model)
         super().set_model(model)
-        if optimizer is not None and not callable(self.lr_multiplier):
-            self._check_positive(optimizer, self.lr_multiplier, "lr_multiplier={!r}")
+        if optimizer is not None:
+            self._prepare(model, optimizer)
+            if not callable(self.lr_multiplier):
+                self._check_positive(optimizer, self.lr_multiplier, "lr_multiplier={!r}")
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         """Unfreeze at (or, after ``initial_epoch``, past) the epoch; update the multiplier."""
@@ -254,8 +273,10 @@ class Freeze(_Stage):
 
     def set_model(self, model: Any) -> None:
         """Check the selection and the optimizer."""
-        self._check(model)
+        optimizer = self._check(model)
         super().set_model(model)
+        if optimizer is not None:
+            self._prepare(model, optimizer)
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         """Freeze at (or, after ``initial_epoch``, past) the epoch."""
