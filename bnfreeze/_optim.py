@@ -249,7 +249,10 @@ def _replace_contents(tracked: Any, variables: list[Any]) -> None:
     """Put ``variables`` in the optimizer's list of its variables, the list object kept
     (Keras 3's tracker holds it); past the tracking list's own methods, which compare
     variables with ``==``."""
-    if isinstance(tracked, list):
+    storage = getattr(tracked, "_storage", None)  # TensorFlow's ListWrapper
+    if isinstance(storage, list):
+        storage[:] = variables
+    elif isinstance(tracked, list):
         list.__setitem__(tracked, slice(None), variables)
     else:
         tracked[:] = variables
