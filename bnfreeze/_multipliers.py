@@ -1,7 +1,8 @@
 """Per-variable learning-rate multipliers: the one home of the rule.
 
-**Where they live.** On the model, as ``{variable path: multiplier}`` (an attribute set
-past Keras's tracking, so it is no weight and no dependency). A model holding
+**Where they live.** On the model, as ``{variable key: multiplier}`` (the key: the
+owning layer's path in the model and the variable's name, see :func:`variable_keys`),
+an attribute set past Keras's tracking, so it is no weight and no dependency. A model holding
 multipliers *carries* them through saving the way a container carries a freeze
 (``_apply``'s carriers): its class is swapped for the generated carrier subclass of the
 same name, registered as ``"bnfreeze>FrozenContainer"``, whose saved form gets an entry
@@ -38,15 +39,30 @@ from numbers import Real
 from typing import Any
 
 from bnfreeze._apply import CARRIED, Carried, update_carrier
-from bnfreeze._compat import IS_TF_KERAS, learning_rate_attribute, strategy_of, variable_path
+from bnfreeze._compat import IS_TF_KERAS, learning_rate_attribute, strategy_of
 from bnfreeze._errors import ArgumentError, ArgumentTypeError, SavedFormatError
 from bnfreeze._optim import chain, refusal
+from bnfreeze._walk import walk
 
 #: Version of the saved ``"lr_multipliers"`` record.
 FORMAT_VERSION = 1
 _RECORD_KEY = "lr_multipliers"
 _MODEL_ATTR = "_bnfreeze_lr_multipliers"  # {variable path: float}, on the model
 _OPT_ATTR = "_bnfreeze_lr_table"  # _Table, on the innermost optimizer
+
+
+def variable_keys(model: Any) -> dict[int, str]:
+    """``id(variable) -> key`` for every variable a layer of ``model`` creates as
+    trainable: the layer's path in ``model`` and the variable's own name
+    (``"block/conv/kernel"``). Unlike Keras's ``variable.path``, which depends on the name
+    scope the variable was created in, the key is the same after ``load_model``."""
+    keys: dict[int, str] = {}
+    for node in walk(model):
+        attribute = "_trainable_weights" if IS_TF_KERAS else "_trainable_variables"
+        for variable in getattr(node.layer, attribute, None) or []:
+            name = str(variable.name).split("/")[-1].split(":")[0]
+            keys.setdefault(id(variable), f"{node.path}/{name}")
+    return keys
 
 
 def stored(model: Any) -> dict[str, float]:
@@ -57,9 +73,10 @@ def stored(model: Any) -> dict[str, float]:
 def multipliers(model: Any) -> dict[str, float]:
     """The multiplier of every trainable variable of ``model`` that has one."""
     table = stored(model)
+    keys = variable_keys(model)
     found = {}
     for variable in model.trainable_weights:
-        path = variable_path(variable)
+        path = keys.get(id(variable))
         if path in table:
             found[path] = table[path]
     return found
@@ -174,12 +191,13 @@ def apply_to(optimizer: Any, model: Any) -> bool:
     table = _table(inner)
     before = table.structure()
     values = stored(model)
+    keys = variable_keys(model)
     scales: dict[Any, Any] = {}
     paused: set[Any] = set()
     for variable in model.weights:
-        path = variable_path(variable)
-        value = values.get(path)
-        if value is None:
+        path = keys.get(id(variable))
+        value = None if path is None else values.get(path)
+        if path is None or value is None:
             continue
         key = inner._var_key(variable)
         if value == 0.0 and not IS_TF_KERAS:

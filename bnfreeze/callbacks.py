@@ -20,12 +20,11 @@ from bnfreeze._compat import (
     require_tensorflow_backend,
     strategy_of,
     to_numpy,
-    variable_path,
 )
 from bnfreeze._errors import ArgumentError, ArgumentTypeError, ModeError, ModelError
 from bnfreeze._freeze import freeze, unfreeze
 from bnfreeze._modes import BNMode, check_mode
-from bnfreeze._multipliers import check_multiplier, set_multipliers
+from bnfreeze._multipliers import check_multiplier, set_multipliers, stored, variable_keys
 from bnfreeze._optim import (
     chain,
     divides_by_learning_rate,
@@ -189,11 +188,15 @@ class Unfreeze(_Stage):
         before = {id(v) for v in model.trainable_weights}
         unfreeze(model, self.layers, bn_mode=self.bn_mode)  # optimizer laid out, new step
         started = [v for v in model.trainable_weights if id(v) not in before]
-        if not started:
-            # Resumed from a model saved after this stage: it trains what it selects.
-            selected = self._selected_ids()
-            started = [v for v in model.trainable_weights if id(v) in selected]
-        self._paths = [variable_path(v) for v in started]
+        keys = variable_keys(model)
+        held = stored(model)
+        selected = self._selected_ids()
+        trained = [v for v in model.trainable_weights if id(v) in selected]
+        if not started or any(keys.get(id(v)) in held for v in trained):
+            # Resumed from a model saved after this stage (it holds their multipliers):
+            # the stage's variables are those it selects that train.
+            started = trained
+        self._paths = [keys[id(v)] for v in started if id(v) in keys]
         if self._paths and (callable(self.lr_multiplier) or value != 1.0):
             set_multipliers(model, dict.fromkeys(self._paths, value))
         self._applied = True

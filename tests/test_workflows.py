@@ -117,7 +117,9 @@ def test_checkpoint_every_epoch_resumes_the_same_run(tmp_path: Any) -> None:
         np.testing.assert_allclose(
             resumed.losses, straight.losses[k * steps :], rtol=1e-6, atol=1e-6
         )
-    assert _multipliers.multipliers(loaded) == {"b/kernel": 0.125, "b/bias": 0.125} or IS_TF_KERAS
+    assert (
+        _multipliers.multipliers(loaded) == {"b/kernel": 0.5 / 4, "b/bias": 0.5 / 4} or IS_TF_KERAS
+    )
 
 
 def test_multipliers_survive_save_and_load(tmp_path: Any) -> None:
@@ -140,7 +142,7 @@ def test_multipliers_survive_save_and_load(tmp_path: Any) -> None:
     plain.fit(X[:8], Y[:8], batch_size=8, epochs=1, verbose=0, shuffle=False)
     step = loaded.get_layer("a").kernel.numpy() - before
     full = plain.get_layer("a").kernel.numpy() - before
-    np.testing.assert_allclose(step, 0.25 * full, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(step, 0.25 * full, rtol=1e-5, atol=1e-7)
 
 
 # --- weight averaging ------------------------------------------------------------------
@@ -151,39 +153,33 @@ def test_ema_pairs_each_average_with_its_variable() -> None:
     """use_ema + Unfreeze of same-shaped layers: the averages swapped in are a numpy EMA of
     each variable's own per-step values."""
     model = same_shaped()
+    frozen = {v.path: to_numpy(v).copy() for v in model.weights}
     momentum = 0.9
     model.compile(optimizer=OPT.Adam(0.01, use_ema=True, ema_momentum=momentum), loss="mse")
-    history: list[list[np.ndarray]] = []
+    history: list[dict[str, np.ndarray]] = []
 
     class Record(keras.callbacks.Callback):  # type: ignore[misc]
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            history.append([to_numpy(v).copy() for v in self.model.trainable_variables])
+            values = {v.path: to_numpy(v).copy() for v in self.model.trainable_variables}
+            history.append(values)
 
     swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=False)
     fit(model, [Unfreeze(1, ["a", "b"]), Record(), swap], epochs=3)
-    # Reference: the average starts at the variable's value at its first trained step
-    # (Keras's first step, or the unfreeze for variables that start later).
-    names = [v.path for v in model.trainable_variables]
-    steps_per_epoch = len(history) // 3
+    # Reference: an average starts at its variable's value at Keras's first step, or, for a
+    # variable that starts training later, at its value when it is unfrozen.
     ref: dict[str, np.ndarray] = {}
-    prev: dict[str, np.ndarray] = {}
     for step, values in enumerate(history):
-        for name, value in zip(names, values, strict=True):
-            started_late = name.split("/")[0] in ("a", "b")
+        for name, value in values.items():
             if name not in ref:
-                if started_late and step < steps_per_epoch:
-                    continue
-                if started_late:  # average started at the value before this step
-                    ref[name] = prev[name].copy()
-                else:
+                if step == 0:  # Keras's first step copies the variable
                     ref[name] = value.copy()
                     continue
+                ref[name] = frozen[name].copy()
             ref[name] = momentum * ref[name] + (1 - momentum) * value
-        prev = dict(zip(names, values, strict=True))
-    opt = model.optimizer
+    assert len(ref) == 6
+    # SwapEMAWeights put the averages into the model at the end of fit.
     for v in model.trainable_variables:
-        average = opt._model_variables_moving_average[opt._get_variable_index(v)]
-        np.testing.assert_allclose(to_numpy(average), ref[v.path], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(to_numpy(v), ref[v.path], rtol=1e-5, atol=1e-6)
 
 
 # --- errors and edge cases -------------------------------------------------------------
