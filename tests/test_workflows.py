@@ -15,7 +15,7 @@ import pytest
 
 import bnfreeze
 from bnfreeze import _multipliers
-from bnfreeze._compat import IS_TF_KERAS, keras, to_numpy
+from bnfreeze._compat import IS_TF_KERAS, OPTIMIZER_INDEX, keras, to_numpy
 from bnfreeze.callbacks import Freeze, Unfreeze
 from tests.trained import give_trained_state
 
@@ -81,7 +81,8 @@ def test_layout_after_unfreeze_is_a_fresh_builds_with_slots_kept() -> None:
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             opt = self.model.optimizer
             head = self.model.get_layer("head").kernel
-            keep[f"m{epoch}"] = to_numpy(opt._momentums[opt._get_variable_index(head)]).copy()
+            i = getattr(opt, OPTIMIZER_INDEX)[opt._var_key(head)]
+            keep[f"m{epoch}"] = to_numpy(opt._momentums[i]).copy()
 
     fit(model2, [Unfreeze(1, ["a", "b"]), AtUnfreeze()], epochs=2)
     opt = model2.optimizer
@@ -89,9 +90,9 @@ def test_layout_after_unfreeze_is_a_fresh_builds_with_slots_kept() -> None:
     fresh.build(model2.trainable_variables)
     assert [tuple(v.shape) for v in opt.variables] == [tuple(v.shape) for v in fresh.variables]
     assert [v.name for v in opt.variables] == [v.name for v in fresh.variables]
-    assert len(opt._trainable_variables) == len(model2.trainable_variables)
-    for mine, theirs in zip(opt._trainable_variables, model2.trainable_variables, strict=True):
-        assert mine is theirs
+    if not IS_TF_KERAS:  # what Keras 3 pairs the averages with
+        pairs = zip(opt._trainable_variables, model2.trainable_variables, strict=True)
+        assert all(mine is theirs for mine, theirs in pairs)
     # The head's first moment at the start of epoch 1 (after Unfreeze ran, callbacks in
     # order) is the one it had at the end of epoch 0: kept, not reset.
     assert np.any(keep["m1"] != 0)
