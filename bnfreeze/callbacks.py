@@ -315,6 +315,9 @@ class PreciseBN(_Callback):  # type: ignore[misc]
     Raises:
         ArgumentError, ArgumentTypeError: a bad argument (at construction).
         SelectionError: ``layers`` selects no BN layer (when ``fit`` starts).
+        DataError, ArgumentError: ``data`` cannot be read as given (an endless dataset
+            without ``steps``, ``batch_size`` with a batched dataset, batches that do not
+            fit the model's inputs), when ``fit`` starts, before any epoch trains.
 
     Examples:
         >>> import keras, numpy as np, bnfreeze
@@ -371,6 +374,11 @@ class PreciseBN(_Callback):  # type: ignore[misc]
         check_model(model, function="PreciseBN")
         require_tensorflow_backend("PreciseBN")
         selected_batch_norms(walk(model), self.layers)
+        # Before any epoch trains: data it could never read (an endless dataset without
+        # `steps`, `batch_size` with a batched dataset, batches of the wrong shape).
+        from bnfreeze._data import open_source
+
+        open_source(self.data, batch_size=self.batch_size, steps=self.steps, model=model).peek()
         super().set_model(model)
 
     def on_train_begin(self, logs: Any = None) -> None:
