@@ -252,6 +252,13 @@ def _replace_contents(tracked: Any, variables: list[Any]) -> None:
     storage = getattr(tracked, "_storage", None)  # TensorFlow's ListWrapper
     if isinstance(storage, list):
         storage[:] = variables
+        # A checkpoint (tf-keras's BackupAndRestore) saves the list as it is now.
+        for flag in ("_non_append_mutation_value", "_external_modification_value"):
+            if getattr(tracked, flag, False):
+                object.__setattr__(tracked, flag, False)
+        snapshot = getattr(tracked, "_update_snapshot", None)
+        if callable(snapshot):
+            snapshot()
     elif isinstance(tracked, list):
         list.__setitem__(tracked, slice(None), variables)
     else:
