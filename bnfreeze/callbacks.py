@@ -258,8 +258,8 @@ class Freeze(_Stage):
         >>> stage = bnfreeze.callbacks.Freeze(1, "bn")
         >>> x, y = np.ones((8, 4), "float32"), np.ones((8, 1), "float32")
         >>> history = model.fit(x, y, epochs=2, callbacks=[stage], verbose=0)
-        >>> bnfreeze.frozen_modes(model)
-        {'bn': 'inference'}
+        >>> [(layer.name, layer.trainable) for layer in model.layers]
+        [('base', True), ('bn', False), ('head', True)]
     """
 
     _name = "Freeze"
