@@ -13,7 +13,7 @@ from typing import Any
 
 from bnfreeze import _multipliers
 from bnfreeze._apply import Plan, apply, prepare_carriers
-from bnfreeze._compat import OPTIMIZER_BUILT, backend_name, strategy_of
+from bnfreeze._compat import OPTIMIZER_BUILT, backend_name
 from bnfreeze._errors import ArgumentTypeError, UnsupportedLayerError
 from bnfreeze._kinds import (
     check_supported_batch_norm,
@@ -25,7 +25,14 @@ from bnfreeze._kinds import (
 )
 from bnfreeze._layers import pinned_class
 from bnfreeze._modes import PINNED_INFERENCE, BNMode, check_mode
-from bnfreeze._optim import chain, holds_state, refusal, relayout
+from bnfreeze._optim import (
+    IN_FIT_BACKENDS,
+    chain,
+    holds_state,
+    refusal,
+    relayout,
+    variable_scope,
+)
 from bnfreeze._select import Selector, select
 from bnfreeze._walk import Node, check_model, walk
 
@@ -107,13 +114,14 @@ def keep_training(model: Any, compiled: bool) -> None:
     tf-keras's legacy ones) is left as it is.
     """
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and backend_name() == "tensorflow" and refusal(optimizer) is None:
+    in_fit = backend_name() in IN_FIT_BACKENDS
+    if optimizer is not None and in_fit and refusal(optimizer) is None:
         built = bool(getattr(chain(optimizer)[-1], OPTIMIZER_BUILT, False))
         if built or holds_state(optimizer):
-            with strategy_of(model).scope():
+            with variable_scope(model):
                 relayout(optimizer, list(model.trainable_weights))
         _multipliers.install(model)
-    if compiled and backend_name() == "tensorflow":
+    if compiled and in_fit:
         model.make_train_function(force=True)
 
 

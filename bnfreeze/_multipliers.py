@@ -27,7 +27,10 @@ variable does not move; its slots still see its gradient).
 Keras 3 calls ``update_step(gradient, variable, learning_rate)`` per variable on the
 TensorFlow backend (under ``tf.distribute`` too), which is where a nonzero multiplier
 scales the learning rate it is given (a scalar variable per entry, so a change of value
-needs no new trace). Only the TensorFlow backend is supported (``Unfreeze`` guards it).
+needs no new trace). On JAX the multiplier is a constant of the traced step (a new
+value makes the train function again). PyTorch's built-in optimizers never call
+``update_step`` (they update all variables at once), so multipliers do not apply there
+yet (``Unfreeze`` refuses PyTorch).
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ from numbers import Real
 from typing import Any
 
 from bnfreeze._apply import CARRIED, Carried, update_carrier
-from bnfreeze._compat import IS_TF_KERAS, learning_rate_attribute, strategy_of
+from bnfreeze._compat import IS_TF_KERAS, backend_name, keras, learning_rate_attribute
 from bnfreeze._errors import ArgumentError, ArgumentTypeError, SavedFormatError
-from bnfreeze._optim import chain, refusal
+from bnfreeze._optim import chain, refusal, variable_scope
 from bnfreeze._walk import walk
 
 #: Version of the saved ``"lr_multipliers"`` record.
@@ -178,7 +181,8 @@ class _Table:
         self.holders: dict[str, Any] = {}  # variable path -> its scalar variable
 
     def structure(self) -> tuple[frozenset[Any], frozenset[Any]]:
-        return frozenset(self.scales), frozenset(self.paused)
+        constants = {(k, v) for k, v in self.scales.items() if isinstance(v, float)}
+        return frozenset([*self.scales, *constants]), frozenset(self.paused)
 
 
 def apply_to(optimizer: Any, model: Any) -> bool:
@@ -203,6 +207,9 @@ def apply_to(optimizer: Any, model: Any) -> bool:
         if value == 0.0 and not IS_TF_KERAS:
             paused.add(key)
             continue
+        if backend_name() != "tensorflow":
+            scales[key] = value  # a constant of the trace: a new value needs a new one
+            continue
         holder = table.holders.get(path)
         if holder is None:
             holder = table.holders[path] = _scalar(model, value)
@@ -216,7 +223,7 @@ def apply_to(optimizer: Any, model: Any) -> bool:
 def _scalar(model: Any, value: float) -> Any:
     import tensorflow as tf
 
-    with strategy_of(model).scope():
+    with variable_scope(model):
         return tf.Variable(value, dtype=tf.float32, trainable=False)
 
 
@@ -285,6 +292,8 @@ def _patch(opt: Any, table: _Table) -> None:
 
 
 def _times(learning_rate: Any, scale: Any) -> Any:
+    if isinstance(scale, float):  # a constant (JAX)
+        return keras.ops.multiply(learning_rate, scale)
     import tensorflow as tf
 
     value = tf.convert_to_tensor(learning_rate)

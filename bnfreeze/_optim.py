@@ -1,21 +1,14 @@
-"""Teach a built optimizer new variables, and give some variables a scaled learning rate.
+"""Lay a built optimizer out for a new set of trainable variables, keeping its state.
 
-What ``callbacks.Unfreeze`` needs from an optimizer that ``fit`` has already built:
-
-* :func:`add_variables` gives it fresh slots (momentum, Adam moments, ...) for variables
-  that will start training later, **keeping every slot it has**, ``iterations`` and the
-  learning rate (schedule) untouched. The optimizer's own ``build`` creates the new
-  slots, for the new variables only; its per-variable lists are then joined (old + new)
-  and its index table extended, exactly as one ``build`` over all the variables would
-  have laid them out per variable. A scalar state that ``build`` creates once
-  (``Nadam``'s ``u_product``) keeps its current value.
-* :func:`scale_learning_rate` makes the optimizer use ``learning_rate * scale`` for the
-  given variables: in ``update_step`` (Keras 3 passes the learning rate in, scaled here;
-  tf-keras reads ``self.learning_rate``, which reads the scaled value while that one
-  variable is updated) and in decoupled weight decay (``AdamW``'s ``lr * wd * w``, which
-  reads ``self.learning_rate`` in both flavours). The learning
-  rate is scaled, never the gradient (for Adam they differ). Variables without a scale
-  run through the optimizer's own code, unchanged.
+What ``callbacks.Unfreeze``/``Freeze`` and ``freeze``/``unfreeze`` inside ``fit`` need:
+:func:`relayout` makes the optimizer's per-variable lists (slots, EMA averages), its index
+table and its list of variables exactly those of one fresh ``build`` over the new
+trainable variables, in the model's order (what Keras pairs by position: ``use_ema``,
+``.keras`` loading, JAX's stateless apply), with every slot object of a variable it knew
+kept; ``iterations`` and the learning rate (schedule) are untouched.
+:func:`hold_unmatched_loads` keeps saved optimizer state that cannot be loaded yet
+(``BackupAndRestore`` before the stage that gives the saved layout). The learning-rate
+multipliers live in ``_multipliers``.
 
 Wrappers (``LossScaleOptimizer``) are looked through: the innermost optimizer owns the
 slots. ``MultiOptimizer`` and tf-keras's legacy optimizers are refused (see
@@ -25,22 +18,19 @@ slots. ``MultiOptimizer`` and tf-keras's legacy optimizers are refused (see
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-import tensorflow as tf
 
 from bnfreeze._compat import (
     OPTIMIZER_BUILT,
     OPTIMIZER_INDEX,
+    backend_name,
     forget_optimizer_children,
     keras,
-    learning_rate_attribute,
     set_optimizer_attribute,
+    strategy_of,
     to_numpy,
 )
-
-_SCALES_ATTR = "_bnfreeze_lr_scales"  # {variable key: scalar tf.Variable}, on the optimizer
 
 
 def chain(optimizer: Any) -> list[Any]:
@@ -85,6 +75,20 @@ def knows(optimizer: Any, variable: Any) -> bool:
     if not bool(getattr(inner, OPTIMIZER_BUILT, False)):
         return False
     return inner._var_key(variable) in getattr(inner, OPTIMIZER_INDEX)
+
+
+#: Backends on which a change of what trains inside ``fit`` works (the train function is
+#: made again and reads the variables at the next step): TensorFlow, and JAX, whose
+#: trainer gathers its state from the variables again after ``on_epoch_begin``.
+IN_FIT_BACKENDS = ("tensorflow", "jax")
+
+
+def variable_scope(model: Any) -> Any:
+    """Where to create optimizer variables for ``model``: its ``tf.distribute`` strategy's
+    scope on TensorFlow, nothing on other backends."""
+    if backend_name() != "tensorflow":
+        return contextlib.nullcontext()
+    return strategy_of(model).scope()
 
 
 def relayout(optimizer: Any, variables: Sequence[Any]) -> bool:
@@ -276,81 +280,3 @@ def _start_averages(opt: Any, variables: Sequence[Any]) -> None:
         average = averages[index[opt._var_key(variable)]]
         if average is not None:
             average.assign(variable)
-
-
-# --- per-variable learning-rate scale ----------------------------------------------------
-
-
-def scale_learning_rate(optimizer: Any, variables: Sequence[Any], scale: Any) -> None:
-    """From the next traced step on, ``optimizer`` uses ``learning_rate * scale`` for
-    ``variables`` (``scale``: a scalar ``tf.Variable``, read at every step)."""
-    inner = chain(optimizer)[-1]
-    table = _scales(inner)
-    for variable in variables:
-        table[inner._var_key(variable)] = scale
-
-
-def _scales(opt: Any) -> dict[Any, Any]:
-    table: dict[Any, Any] | None = vars(opt).get(_SCALES_ATTR)
-    if table is not None:
-        return table
-    table = {}
-    # Set past the optimizer's attribute tracking: nothing here is optimizer state to
-    # save (the scales are recomputed from the epoch) or a dependency to checkpoint.
-    object.__setattr__(opt, _SCALES_ATTR, table)
-    update_step = opt.update_step
-    apply_weight_decay = opt._apply_weight_decay
-
-    def scaled_update_step(gradient: Any, variable: Any, *args: Any) -> Any:
-        scale = table.get(opt._var_key(variable))
-        if scale is None:
-            return update_step(gradient, variable, *args)
-        if args:  # Keras 3 passes the learning rate in
-            return update_step(gradient, variable, _times(args[0], scale), *args[1:])
-        with _reading_scaled_learning_rate(opt, scale):  # tf-keras reads self.learning_rate
-            return update_step(gradient, variable)
-
-    def scaled_weight_decay(variables: Sequence[Any]) -> Any:
-        groups: dict[int, tuple[Any, list[Any]]] = {}
-        plain = []
-        for variable in variables:
-            scale = table.get(opt._var_key(variable))
-            if scale is None:
-                plain.append(variable)
-            else:
-                groups.setdefault(id(scale), (scale, []))[1].append(variable)
-        if not groups:
-            return apply_weight_decay(variables)
-        if plain:
-            apply_weight_decay(plain)
-        for scale, group in groups.values():
-            with _reading_scaled_learning_rate(opt, scale):
-                apply_weight_decay(group)
-        return None
-
-    object.__setattr__(opt, "update_step", scaled_update_step)
-    object.__setattr__(opt, "_apply_weight_decay", scaled_weight_decay)
-    return table
-
-
-def _times(learning_rate: Any, scale: Any) -> Any:
-    value = tf.convert_to_tensor(learning_rate)
-    return value * tf.cast(scale, value.dtype)
-
-
-@contextlib.contextmanager
-def _reading_scaled_learning_rate(opt: Any, scale: Any) -> Iterator[None]:
-    """Inside the block (a trace), ``opt.learning_rate`` reads ``learning_rate * scale``.
-
-    The attribute the flavour's ``learning_rate`` property returns holds, for the block,
-    a tensor of the scaled value (a schedule object itself stays where it is, so code
-    asking whether the learning rate is a schedule or callable gets the same answer).
-    """
-    name = learning_rate_attribute(opt)
-    scaled = _times(opt.learning_rate, scale)
-    saved = vars(opt)[name]
-    object.__setattr__(opt, name, scaled)
-    try:
-        yield
-    finally:
-        object.__setattr__(opt, name, saved)

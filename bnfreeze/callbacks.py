@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from bnfreeze._compat import (
+    backend_name,
     created_trainable_variables,
     keras,
     require_tensorflow_backend,
-    strategy_of,
     to_numpy,
 )
 from bnfreeze._errors import ArgumentError, ArgumentTypeError, ModeError, ModelError
@@ -26,11 +26,13 @@ from bnfreeze._freeze import freeze, unfreeze
 from bnfreeze._modes import BNMode, check_mode
 from bnfreeze._multipliers import check_multiplier, set_multipliers, stored, variable_keys
 from bnfreeze._optim import (
+    IN_FIT_BACKENDS,
     chain,
     divides_by_learning_rate,
     hold_unmatched_loads,
     refusal,
     relayout,
+    variable_scope,
 )
 from bnfreeze._recalibrate import (
     UPSTREAM_VALUES,
@@ -74,7 +76,8 @@ class _Stage(_Callback):  # type: ignore[misc]
     def _check(self, model: Any) -> Any:
         """Check the model, the backend and the selection; return the optimizer (or None)."""
         check_model(model, function=self._name)
-        require_tensorflow_backend(self._name)
+        if backend_name() not in IN_FIT_BACKENDS:
+            require_tensorflow_backend(self._name)
         select(walk(model), self.layers)
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None or self._applied:
@@ -95,7 +98,7 @@ class _Stage(_Callback):  # type: ignore[misc]
         builds it inside the first traced step otherwise, where a build that assigns,
         like ScheduleFreeAdamW's, becomes part of every step), and let it hold saved state
         that ``BackupAndRestore`` loads before the epoch that gives it its layout."""
-        with strategy_of(model).scope():
+        with variable_scope(model):
             relayout(optimizer, list(model.trainable_weights))
         hold_unmatched_loads(optimizer)
 
