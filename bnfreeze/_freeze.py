@@ -88,6 +88,7 @@ def _plan_and_apply(model: Any, nodes: list[Node], planned: list[_Step], functio
     _check_pinnable(planned)
     prepare_carriers(model, nodes)
     compiled = getattr(model, "train_function", None) is not None
+    _write_back_trainer_state(model)
     steps = {id(s.node): s for s in planned}
     leaf_trainable = {
         id(n.layer): (steps[id(n)].trainable if id(n) in steps else bool(n.layer.trainable))
@@ -103,6 +104,17 @@ def _plan_and_apply(model: Any, nodes: list[Node], planned: list[_Step], functio
     )
     apply(plan, function=function)
     keep_training(model, compiled)
+
+
+def _write_back_trainer_state(model: Any) -> None:
+    """JAX: the trainer keeps the values of a running ``fit`` in ``model._jax_state``, lists
+    in the order of the trainable variables *of that moment*, and writes them back by
+    position whenever a callback asks. Write them back now and drop them, before the set
+    of trainable variables changes (the next step gathers the state again)."""
+    if backend_name() != "jax" or getattr(model, "_jax_state", None) is None:
+        return
+    model.jax_state_sync()
+    model._jax_state = None
 
 
 def keep_training(model: Any, compiled: bool) -> None:

@@ -70,11 +70,11 @@ def weights(model: Any) -> list[np.ndarray]:
 # --- the optimizer's layout ------------------------------------------------------------
 
 
-#: JAX: after a stage, fit with ``use_ema=True`` fails in the trainer's stateless EMA step
-#: (an average assigned to a variable of another shape); not solved yet.
+#: JAX: after a stage, a fit with ``use_ema=True`` reads a purged variable (the trainer
+#: holds the values during the epoch); not solved yet.
 JAX_EMA = pytest.mark.skipif(
     keras.backend.backend() == "jax" and not IS_TF_KERAS,
-    reason="JAX: use_ema after a stage fails in the trainer's stateless step (open)",
+    reason="JAX: use_ema after a stage reads a purged variable in fit (open)",
 )
 
 
