@@ -274,6 +274,32 @@ _CARRIERS: dict[type, type | None] = {}  # container class -> its carrier (None:
 _CARRIER_SET: set[type] = set()  # the carrier classes
 
 
+class Carried(NamedTuple):
+    """A record a carrier saves besides the freeze (``_multipliers`` registers one): a
+    container holding one carries it even when Keras's own class would save its layers."""
+
+    key: str  # its entry in the carrier's saved form
+    record: Callable[[Any], Any]  # container -> what to save (None: it holds none)
+    restore: Callable[[Any, Any], None]  # (rebuilt container, saved record) -> None
+    before_train: Callable[[Any], None]  # runs in the carrier's make_train_function
+
+
+CARRIED: list[Carried] = []
+
+
+def _carries_a_record(layer: Any) -> bool:
+    return any(c.record(layer) is not None for c in CARRIED)
+
+
+def update_carrier(model: Any) -> None:
+    """Swap ``model`` (and containers in it) to or from its carrier class as what it holds
+    now says (after a change of a :data:`CARRIED` record)."""
+    nodes = walk(model)
+    prepare_carriers(model, nodes)
+    for change in _carrier_changes(model, nodes):
+        change.run()
+
+
 def _rebuilds_its_layers(layer: Any) -> bool:
     """True for a container class defined outside Keras: its config is its constructor's
     arguments (Keras's own Functional, Sequential and wrappers save their layers); and
@@ -287,6 +313,8 @@ def _rebuilds_its_layers(layer: Any) -> bool:
 
 def _holds_a_freeze(node: Node, nodes: list[Node]) -> bool:
     below = nodes if node.path == "" else descendants(nodes, node.path)
+    if _carries_a_record(node.layer):
+        return True
     return not node.layer.trainable or any(
         is_pinned(n.layer) or not n.layer.trainable for n in below
     )
@@ -294,7 +322,7 @@ def _holds_a_freeze(node: Node, nodes: list[Node]) -> bool:
 
 def _containers_that_rebuild(model: Any, nodes: list[Node]) -> list[Node]:
     containers = [root(model), *[n for n in nodes if n.is_container]]
-    return [n for n in containers if _rebuilds_its_layers(n.layer)]
+    return [n for n in containers if _rebuilds_its_layers(n.layer) or _carries_a_record(n.layer)]
 
 
 def prepare_carriers(model: Any, nodes: list[Node]) -> None:
@@ -339,6 +367,8 @@ def carrier_class(base: type) -> type | None:
     }
     if IS_TF_KERAS:
         members["build_from_config"] = _carrier_build_from_config
+    if callable(getattr(base, "make_train_function", None)):
+        members["make_train_function"] = _carrier_make_train_function(base)
     try:
         cls = generated_subclass(base, members)
     except Exception as exc:
@@ -358,8 +388,19 @@ def carrier_class(base: type) -> type | None:
     return cls
 
 
+def _carrier_make_train_function(base: Any) -> Callable[..., Any]:
+    def make_train_function(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for carried in CARRIED:
+            carried.before_train(self)
+        return base.make_train_function(self, *args, **kwargs)
+
+    return make_train_function
+
+
 def _carrier_get_config(self: Any) -> dict[str, Any]:
+    records = {c.key: r for c in CARRIED if (r := c.record(self)) is not None}
     return {
+        **records,
         "version": FORMAT_VERSION,
         "name": self.name,
         "trainable": bool(self.trainable),
@@ -427,6 +468,9 @@ class FrozenContainer(SavedFormLoader):
 
 def restore(container: Any, config: dict[str, Any]) -> Any:
     """Apply the freeze recorded by a carrier's ``get_config`` to a rebuilt ``container``."""
+    for carried in CARRIED:
+        if carried.key in config:
+            carried.restore(container, config[carried.key])
     nodes = walk(container)
     matched, missing = _match(nodes, config["layers"])
     trainable = {id(n.layer): bool(n.layer.trainable) for n in nodes}

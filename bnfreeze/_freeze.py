@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bnfreeze import _multipliers
 from bnfreeze._apply import Plan, apply, prepare_carriers
+from bnfreeze._compat import OPTIMIZER_BUILT, backend_name
 from bnfreeze._errors import ArgumentTypeError, UnsupportedLayerError
 from bnfreeze._kinds import (
     check_supported_batch_norm,
@@ -23,6 +25,14 @@ from bnfreeze._kinds import (
 )
 from bnfreeze._layers import pinned_class
 from bnfreeze._modes import PINNED_INFERENCE, BNMode, check_mode
+from bnfreeze._optim import (
+    IN_FIT_BACKENDS,
+    chain,
+    holds_state,
+    refusal,
+    relayout,
+    variable_scope,
+)
 from bnfreeze._select import Selector, select
 from bnfreeze._walk import Node, check_model, walk
 
@@ -77,6 +87,8 @@ def _final_trainable(
 def _plan_and_apply(model: Any, nodes: list[Node], planned: list[_Step], function: str) -> None:
     _check_pinnable(planned)
     prepare_carriers(model, nodes)
+    compiled = getattr(model, "train_function", None) is not None
+    _write_back_trainer_state(model)
     steps = {id(s.node): s for s in planned}
     leaf_trainable = {
         id(n.layer): (steps[id(n)].trainable if id(n) in steps else bool(n.layer.trainable))
@@ -91,6 +103,38 @@ def _plan_and_apply(model: Any, nodes: list[Node], planned: list[_Step], functio
         kept_active=[(s.node, s.kept_active) for s in planned],
     )
     apply(plan, function=function)
+    keep_training(model, compiled)
+
+
+def _write_back_trainer_state(model: Any) -> None:
+    """JAX: the trainer keeps the values of a running ``fit`` in ``model._jax_state``, lists
+    in the order of the trainable variables *of that moment*, and writes them back by
+    position whenever a callback asks. Write them back now and drop them, before the set
+    of trainable variables changes (the next step gathers the state again)."""
+    if backend_name() != "jax" or getattr(model, "_jax_state", None) is None:
+        return
+    model.jax_state_sync()
+    model._jax_state = None
+
+
+def keep_training(model: Any, compiled: bool) -> None:
+    """After ``trainable`` flags changed: a built optimizer is laid out for what trains now
+    (slots kept, as one fresh ``build`` would lay it out) and learns the model's
+    learning-rate multipliers; a model that had a train function gets a new one, so a
+    ``fit`` running now (a callback called ``freeze``/``unfreeze``) goes on from its next
+    step with the new set. An optimizer bnfreeze cannot extend (``MultiOptimizer``,
+    tf-keras's legacy ones) is left as it is.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    in_fit = backend_name() in IN_FIT_BACKENDS
+    if optimizer is not None and in_fit and refusal(optimizer) is None:
+        built = bool(getattr(chain(optimizer)[-1], OPTIMIZER_BUILT, False))
+        if built or holds_state(optimizer):
+            with variable_scope(model):
+                relayout(optimizer, list(model.trainable_weights))
+        _multipliers.install(model)
+    if compiled and in_fit:
+        model.make_train_function(force=True)
 
 
 def freeze(

@@ -1,36 +1,38 @@
-"""Keras callbacks that fine-tune in one ``fit``: :class:`Unfreeze` and :class:`PreciseBN`.
+"""Keras callbacks that fine-tune in one ``fit``: :class:`Unfreeze`, :class:`Freeze` and
+:class:`PreciseBN`.
 
 ``Unfreeze`` unfreezes part of a model at the start of an epoch, inside the running
 ``fit``: the optimizer keeps its state and learns the new variables, whose learning rate
-may be scaled. ``PreciseBN`` recalibrates BatchNormalization statistics exactly before
-validation. The guide: [Fine-tuning in one fit](fine-tuning-in-one-fit.md).
+may be scaled; ``Freeze`` freezes part of it the same way. ``PreciseBN`` recalibrates
+BatchNormalization statistics exactly before validation. The guide:
+[Fine-tuning in one fit](fine-tuning-in-one-fit.md).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
-from numbers import Real
 from typing import Any
 
 from bnfreeze._compat import (
+    backend_name,
     created_trainable_variables,
     keras,
     require_tensorflow_backend,
-    strategy_of,
     to_numpy,
 )
-from bnfreeze._errors import ArgumentError, ArgumentTypeError, ModelError
-from bnfreeze._freeze import unfreeze
-from bnfreeze._kinds import is_batch_norm
-from bnfreeze._modes import MODES, BNMode, check_mode
+from bnfreeze._errors import ArgumentError, ArgumentTypeError, ModeError, ModelError
+from bnfreeze._freeze import freeze, unfreeze
+from bnfreeze._modes import BNMode, check_mode
+from bnfreeze._multipliers import check_multiplier, set_multipliers, stored, variable_keys
 from bnfreeze._optim import (
-    add_variables,
+    IN_FIT_BACKENDS,
     chain,
     divides_by_learning_rate,
+    hold_unmatched_loads,
     refusal,
-    scale_learning_rate,
+    relayout,
+    variable_scope,
 )
 from bnfreeze._recalibrate import (
     UPSTREAM_VALUES,
@@ -42,26 +44,84 @@ from bnfreeze._recalibrate import (
 from bnfreeze._select import Selector, select
 from bnfreeze._walk import check_model, walk
 
-__all__ = ["PreciseBN", "Unfreeze"]
+__all__ = ["Freeze", "PreciseBN", "Unfreeze"]
 
 Multiplier = float | Callable[[int], float]
 _Callback: Any = keras.callbacks.Callback
 
 
-class Unfreeze(_Callback):  # type: ignore[misc]
+class _Stage(_Callback):  # type: ignore[misc]
+    """What ``Unfreeze`` and ``Freeze`` share: one change of what trains, at an epoch."""
+
+    _name = ""
+
+    def __init__(self, epoch: int, layers: Selector, bn_mode: BNMode | None) -> None:
+        super().__init__()
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise ArgumentTypeError(
+                f"Expected `epoch` to be an int (0-based). Received: epoch={epoch!r}."
+            )
+        if epoch < 0:
+            raise ArgumentError(
+                f"Expected `epoch` to be >= 0 (Keras numbers epochs from 0). "
+                f"Received: epoch={epoch!r}."
+            )
+        if bn_mode is not None:
+            check_mode(bn_mode)
+        self.epoch = epoch
+        self.layers = layers
+        self.bn_mode = bn_mode
+        self._applied = False
+
+    def _check(self, model: Any) -> Any:
+        """Check the model, the backend and the selection; return the optimizer (or None)."""
+        check_model(model, function=self._name)
+        if backend_name() not in IN_FIT_BACKENDS:
+            require_tensorflow_backend(self._name)
+        select(walk(model), self.layers)
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None or self._applied:
+            return None
+        reason = refusal(optimizer)
+        if reason is not None:
+            raise ModelError(
+                f"`{self._name}` cannot train new variables of model {model.name!r} inside "
+                f"fit: {reason}. Expected a model compiled with a keras.optimizers optimizer "
+                "(SGD, Adam, AdamW, RMSprop, ...); compile with one, or unfreeze between "
+                "two fit calls and compile again."
+            )
+        return optimizer
+
+    @staticmethod
+    def _prepare(model: Any, optimizer: Any) -> None:
+        """Build the optimizer before ``fit`` traces its step, over what trains now (Keras
+        builds it inside the first traced step otherwise, where a build that assigns,
+        like ScheduleFreeAdamW's, becomes part of every step), and let it hold saved state
+        that ``BackupAndRestore`` loads before the epoch that gives it its layout."""
+        with variable_scope(model):
+            relayout(optimizer, list(model.trainable_weights))
+        hold_unmatched_loads(optimizer)
+
+
+class Unfreeze(_Stage):
     """Unfreeze ``layers`` at the start of epoch ``epoch``, inside the running ``fit``.
 
     At the start of epoch ``epoch`` (0-based; past it with ``initial_epoch``, at the start
     of ``fit``) this runs [`unfreeze(model, layers, bn_mode=bn_mode)`][bnfreeze.unfreeze]
     and rebuilds the train function: no recompile. The optimizer keeps ``iterations``,
-    its schedule's position and every slot; the variables that start training got fresh
-    slots when ``fit`` began, and their learning rate (not their gradient) is multiplied
-    by ``lr_multiplier``. Several ``Unfreeze`` in one ``fit`` unfreeze in stages. Details,
-    costs and the optimizers it supports: [Fine-tuning in one fit](fine-tuning-in-one-fit.md).
+    its schedule's position and every slot, laid out exactly as one fresh ``build`` over
+    the model's new trainable variables would lay them out (so ``use_ema``, ``.keras``
+    checkpoints with the optimizer and ``BackupAndRestore`` work); the variables that
+    start training get fresh slots, and their learning rate (not their gradient) is
+    multiplied by ``lr_multiplier``. The multipliers are kept by the model and saved and
+    loaded with it: a checkpoint saved after the epoch, loaded and resumed with
+    ``fit(..., initial_epoch=k)`` and the same callbacks, continues the same run. Several
+    ``Unfreeze`` in one ``fit`` unfreeze in stages. Details, costs and the optimizers it
+    supports: [Fine-tuning in one fit](fine-tuning-in-one-fit.md).
 
     Note:
-        It changes the model (as ``unfreeze``) and its optimizer in place; the scaled
-        learning rates stay with the optimizer after ``fit``.
+        It changes the model (as ``unfreeze``) and its optimizer in place; the
+        learning-rate multipliers stay with the model after ``fit``.
 
     Args:
         epoch: The 0-based epoch at whose start the layers are unfrozen.
@@ -69,7 +129,9 @@ class Unfreeze(_Callback):  # type: ignore[misc]
         bn_mode: The mode of the unfrozen BN layers (default ``"inference"``: moving
             statistics, gamma/beta frozen), or ``None`` to restore them.
         lr_multiplier: A float >= 0, or ``callable(epochs_since_unfreezing) -> float``
-            called at the start of every epoch from ``epoch`` on (0 first).
+            called at the start of every epoch from ``epoch`` on (0 first). With 0 the
+            variables are paused (on Keras 3 they are left out of the step altogether:
+            their gradient does not enter ``global_clipnorm`` either).
 
     Raises:
         ArgumentError, ArgumentTypeError, ModeError: a bad argument (at construction).
@@ -89,6 +151,8 @@ class Unfreeze(_Callback):  # type: ignore[misc]
         [('base', True), ('bn', False), ('head', True)]
     """
 
+    _name = "Unfreeze"
+
     def __init__(
         self,
         epoch: int,
@@ -97,82 +161,54 @@ class Unfreeze(_Callback):  # type: ignore[misc]
         bn_mode: BNMode | None = "inference",
         lr_multiplier: Multiplier = 1.0,
     ) -> None:
-        super().__init__()
-        if isinstance(epoch, bool) or not isinstance(epoch, int):
-            raise ArgumentTypeError(
-                f"Expected `epoch` to be an int (0-based). Received: epoch={epoch!r}."
-            )
-        if epoch < 0:
-            raise ArgumentError(
-                f"Expected `epoch` to be >= 0 (Keras numbers epochs from 0). "
-                f"Received: epoch={epoch!r}."
-            )
-        if bn_mode is not None:
-            check_mode(bn_mode)
+        super().__init__(epoch, layers, bn_mode)
         if not callable(lr_multiplier):
-            _check_multiplier(lr_multiplier, "lr_multiplier={!r}")
-        self.epoch = epoch
-        self.layers = layers
-        self.bn_mode = bn_mode
+            check_multiplier(lr_multiplier, "lr_multiplier={!r}")
         self.lr_multiplier = lr_multiplier
-        self._applied = False
-        self._scale: Any = None
+        self._paths: list[str] = []  # the variables whose multiplier this stage sets
 
     def set_model(self, model: Any) -> None:
-        """Check the selection and give the optimizer slots for what will train."""
-        check_model(model, function="Unfreeze")
-        require_tensorflow_backend("Unfreeze")
-        selected = select(walk(model), self.layers)
+        """Check the selection and that the optimizer can learn new variables."""
+        optimizer = self._check(model)
         super().set_model(model)
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is None or self._applied:
-            return
-        reason = refusal(optimizer)
-        if reason is not None:
-            raise ModelError(
-                f"`Unfreeze` cannot train new variables of model {model.name!r} inside fit: "
-                f"{reason}. Expected a model compiled with a keras.optimizers optimizer "
-                "(SGD, Adam, AdamW, RMSprop, ...); compile with one, or unfreeze between "
-                "two fit calls and compile again."
-            )
-        if not callable(self.lr_multiplier):
-            self._check_positive(optimizer, self.lr_multiplier, "lr_multiplier={!r}")
-        spec = None if self.bn_mode is None else MODES[self.bn_mode]
-        ids: set[int] = set()
-        for node in selected:
-            if is_batch_norm(node.layer) and spec is not None and not spec.trains_affine:
-                continue
-            ids.update(id(v) for v in created_trainable_variables(node.layer))
-        future = [v for v in model.weights if id(v) in ids]
-        with strategy_of(model).scope():
-            add_variables(optimizer, list(model.trainable_weights), future)
+        if optimizer is not None:
+            self._prepare(model, optimizer)
+            if not callable(self.lr_multiplier):
+                self._check_positive(optimizer, self.lr_multiplier, "lr_multiplier={!r}")
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        """Unfreeze at (or, after ``initial_epoch``, past) the epoch; update the scale."""
+        """Unfreeze at (or, after ``initial_epoch``, past) the epoch; update the multiplier."""
         if epoch < self.epoch:
             return
+        value = self._multiplier(epoch)  # checked before anything changes
         if not self._applied:
-            self._apply(epoch)
-        elif self._scale is not None:
-            self._scale.assign(self._multiplier(epoch))
+            self._apply(value)
+        elif callable(self.lr_multiplier) and self._paths:
+            set_multipliers(self.model, dict.fromkeys(self._paths, value))
 
-    def _apply(self, epoch: int) -> None:
-        import tensorflow as tf
-
+    def _apply(self, value: float) -> None:
         model = self.model
-        optimizer = model.optimizer
         before = {id(v) for v in model.trainable_weights}
-        unfreeze(model, self.layers, bn_mode=self.bn_mode)
+        unfreeze(model, self.layers, bn_mode=self.bn_mode)  # optimizer laid out, new step
         started = [v for v in model.trainable_weights if id(v) not in before]
-        with strategy_of(model).scope():
-            add_variables(optimizer, [], started)  # prepared in set_model; a safety net
-            if callable(self.lr_multiplier) or float(self.lr_multiplier) != 1.0:
-                self._scale = tf.Variable(
-                    self._multiplier(epoch), dtype=tf.float32, trainable=False
-                )
-                scale_learning_rate(optimizer, started, self._scale)
-        model.make_train_function(force=True)
+        keys = variable_keys(model)
+        held = stored(model)
+        selected = self._selected_ids()
+        trained = [v for v in model.trainable_weights if id(v) in selected]
+        if not started or any(keys.get(id(v)) in held for v in trained):
+            # Resumed from a model saved after this stage (it holds their multipliers):
+            # the stage's variables are those it selects that train.
+            started = trained
+        self._paths = [keys[id(v)] for v in started if id(v) in keys]
+        if self._paths and (callable(self.lr_multiplier) or value != 1.0):
+            set_multipliers(model, dict.fromkeys(self._paths, value))
         self._applied = True
+
+    def _selected_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for node in select(walk(self.model), self.layers):
+            ids.update(id(v) for v in created_trainable_variables(node.layer))
+        return ids
 
     def _multiplier(self, epoch: int) -> float:
         if not callable(self.lr_multiplier):
@@ -180,9 +216,9 @@ class Unfreeze(_Callback):  # type: ignore[misc]
         since = epoch - self.epoch
         value = self.lr_multiplier(since)
         received = f"lr_multiplier({since}) returned {{!r}}"
-        _check_multiplier(value, received)
+        number = check_multiplier(value, received)
         self._check_positive(self.model.optimizer, value, received)
-        return float(value)
+        return number
 
     @staticmethod
     def _check_positive(optimizer: Any, value: Any, received: str) -> None:
@@ -193,17 +229,67 @@ class Unfreeze(_Callback):  # type: ignore[misc]
             )
 
 
-def _check_multiplier(value: Any, received: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ArgumentTypeError(
-            "Expected `lr_multiplier` to be a float >= 0 or a callable(epochs_since_unfreezing)"
-            f" -> float. Received: {received.format(value)}."
-        )
-    if not math.isfinite(float(value)) or value < 0:
-        raise ArgumentError(
-            f"Expected `lr_multiplier` to be a finite float >= 0. Received: "
-            f"{received.format(value)}."
-        )
+class Freeze(_Stage):
+    """Freeze ``layers`` at the start of epoch ``epoch``, inside the running ``fit``.
+
+    The mirror of [`Unfreeze`][bnfreeze.callbacks.Unfreeze]: at the start of epoch
+    ``epoch`` (past it with ``initial_epoch``, at the start of ``fit``) this runs
+    [`freeze(model, layers, bn_mode=bn_mode)`][bnfreeze.freeze] and rebuilds the train
+    function: no recompile. For example, pin the BatchNormalization statistics after a
+    few epochs, as PyTorch's quantization-aware training does with ``freeze_bn_stats``.
+    The optimizer keeps ``iterations``, its schedule's position and the slots of what
+    still trains, laid out as one fresh ``build`` over the new trainable variables would
+    lay them out; the slots of the variables that stop training are dropped (an
+    ``Unfreeze`` later gives them fresh ones). Resuming from a checkpoint saved after the
+    epoch with the same callbacks continues the same run.
+
+    Args:
+        epoch: The 0-based epoch at whose start the layers are frozen.
+        layers: What to freeze; the selectors of [`freeze`][bnfreeze.freeze].
+        bn_mode: The mode of the frozen BN layers (default ``"inference"``).
+
+    Raises:
+        ArgumentError, ArgumentTypeError, ModeError: a bad argument (at construction).
+        SelectionError, ModelError: ``layers`` matches nothing, or the optimizer cannot
+            be changed inside ``fit`` (when ``fit`` starts, before any step).
+
+    Examples:
+        >>> import keras, numpy as np, bnfreeze
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="base"),
+        ...     keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="head")])
+        >>> model.compile(optimizer="adam", loss="mse")
+        >>> stage = bnfreeze.callbacks.Freeze(1, "bn")
+        >>> x, y = np.ones((8, 4), "float32"), np.ones((8, 1), "float32")
+        >>> history = model.fit(x, y, epochs=2, callbacks=[stage], verbose=0)
+        >>> [(layer.name, layer.trainable) for layer in model.layers]
+        [('base', True), ('bn', False), ('head', True)]
+    """
+
+    _name = "Freeze"
+
+    def __init__(
+        self, epoch: int, layers: Selector = None, *, bn_mode: BNMode = "inference"
+    ) -> None:
+        if bn_mode is None:
+            raise ModeError(
+                "Expected `bn_mode` to be one of 'inference', 'affine', 'adapt', 'train' "
+                "(Freeze pins the BN layers it freezes). Received: bn_mode=None."
+            )
+        super().__init__(epoch, layers, bn_mode)
+
+    def set_model(self, model: Any) -> None:
+        """Check the selection and the optimizer."""
+        optimizer = self._check(model)
+        super().set_model(model)
+        if optimizer is not None:
+            self._prepare(model, optimizer)
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        """Freeze at (or, after ``initial_epoch``, past) the epoch."""
+        if epoch < self.epoch or self._applied:
+            return
+        freeze(self.model, self.layers, bn_mode=self.bn_mode or "inference")
+        self._applied = True
 
 
 class PreciseBN(_Callback):  # type: ignore[misc]
@@ -232,6 +318,9 @@ class PreciseBN(_Callback):  # type: ignore[misc]
     Raises:
         ArgumentError, ArgumentTypeError: a bad argument (at construction).
         SelectionError: ``layers`` selects no BN layer (when ``fit`` starts).
+        DataError, ArgumentError: ``data`` cannot be read as given (an endless dataset
+            without ``steps``, ``batch_size`` with a batched dataset, batches that do not
+            fit the model's inputs), when ``fit`` starts, before any epoch trains.
 
     Examples:
         >>> import keras, numpy as np, bnfreeze
@@ -288,6 +377,11 @@ class PreciseBN(_Callback):  # type: ignore[misc]
         check_model(model, function="PreciseBN")
         require_tensorflow_backend("PreciseBN")
         selected_batch_norms(walk(model), self.layers)
+        # Before any epoch trains: data it could never read (an endless dataset without
+        # `steps`, `batch_size` with a batched dataset, batches of the wrong shape).
+        from bnfreeze._data import open_source
+
+        open_source(self.data, batch_size=self.batch_size, steps=self.steps, model=model).peek()
         super().set_model(model)
 
     def on_train_begin(self, logs: Any = None) -> None:

@@ -233,3 +233,56 @@ def test_selection_without_bn_fails_before_training() -> None:
     )
     for key, value in h.snapshot(model).items():
         np.testing.assert_array_equal(value, before[key])
+
+
+def _endless() -> Any:
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(X_CAL).batch(8).repeat()
+
+
+def _batched() -> Any:
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(X_CAL).batch(8)
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs", "error", "message"),
+    [
+        (
+            _endless,
+            {},
+            bnfreeze.DataError,
+            "`data` is an infinite tf.data.Dataset (it repeats), so the pass would never "
+            "end. Expected `steps` to say how many batches to read.",
+        ),
+        (
+            _batched,
+            {"batch_size": 4},
+            bnfreeze.ArgumentError,
+            "`batch_size` applies to in-memory arrays only; `data` is a tf.data.Dataset, "
+            "which is batched already. Received: batch_size=4. Remove `batch_size` (or "
+            "batch the data yourself).",
+        ),
+        (
+            lambda: X_CAL[:, :5],
+            {},
+            bnfreeze.DataError,
+            "Expected batches of `data` to match the model's input shape (None, 6). "
+            "Received: a batch of shape (32, 5).",
+        ),
+    ],
+    ids=["endless_without_steps", "batch_size_with_dataset", "wrong_shape"],
+)
+def test_unreadable_data_fails_before_any_epoch_trains(
+    data: Any, kwargs: dict[str, Any], error: type, message: str
+) -> None:
+    """Data PreciseBN can never read raises when fit starts, before any step trains."""
+    model = small()
+    before = h.snapshot(model)
+    with pytest.raises(error) as info:
+        model.fit(X, Y, epochs=2, callbacks=[PreciseBN(data(), **kwargs)], verbose=0)
+    assert str(info.value) == message
+    for key, value in h.snapshot(model).items():
+        np.testing.assert_array_equal(value, before[key])
