@@ -21,15 +21,17 @@ import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-#: ``tests(jax)`` and ``tests(torch)`` exist for the backend work (#15); they join this
-#: list once the whole suite runs on them.
+#: ``tests(jax)`` and ``tests(torch)`` hold the whole suite on those backends for work on
+#: it; CI runs ``backends(jax)``/``backends(torch)``: the backend-independent test files
+#: (``BACKEND_TESTS``), until the rest of the suite stops assuming TensorFlow.
 nox.options.sessions = [
     "lint",
     "docs",
     "tests(keras-3.15)",
     "tests(keras-3.16-dev)",
     "tests(tf-keras)",
-    "backends",
+    "backends(jax)",
+    "backends(torch)",
 ]
 
 TF = "tensorflow-cpu==2.21.0"
@@ -108,13 +110,33 @@ def quick(session: nox.Session) -> None:
     session.run("pytest", *args, env=env)
 
 
+#: The test files that hold on every backend (each skips what a backend lacks, e.g.
+#: string tensors off TensorFlow, with its reason).
+BACKEND_TESTS = [
+    "tests/test_backends.py",
+    "tests/test_backend_audit.py",
+    "tests/test_backend_compat.py",
+    "tests/test_backend_import.py",
+    "tests/test_backend_phases.py",
+    "tests/test_backend_recalibrate.py",
+    "tests/test_fold.py",
+    "tests/test_fold_state.py",
+    "tests/test_fold_kerashub.py",
+    "tests/test_workflows.py",
+    "tests/test_edges.py",
+    "tests/test_trained_fixture.py",
+]
+
+
 @nox.session(python="3.11")
-def backends(session: nox.Session) -> None:
-    """freeze/unfreeze on Keras 3's numpy and JAX backends, and the BackendError of the
-    functions that need TensorFlow (keras 3.15; the numpy backend imports scipy)."""
-    env = _install_flavour(session, "keras-3.15")
-    session.install("scipy", "jax[cpu]")
-    session.run("pytest", "tests/test_backends.py", *session.posargs, env=env)
+@nox.parametrize("backend", list(BACKEND_FLAVOURS), ids=list(BACKEND_FLAVOURS))
+def backends(session: nox.Session, backend: str) -> None:
+    """The backend-independent tests on keras 3.15 with JAX or PyTorch (``test_backends``
+    also starts the numpy backend, which imports scipy)."""
+    env = _install_flavour(session, backend)
+    session.install("scipy")
+    args = list(session.posargs) or [*WORKERS, "-m", "not slow", *BACKEND_TESTS]
+    session.run("pytest", *args, env=env)
 
 
 @nox.session(python="3.11")

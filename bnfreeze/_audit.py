@@ -126,25 +126,23 @@ def _check_batch_size(batch_size: Any) -> None:
 def check_x_shapes(declared: Any, given: Any) -> None:
     """Refuse a sample ``x`` the model cannot be called with (its declared inputs, when
     it declares them): as many arrays, each of the declared rank and sizes."""
-    import tensorflow as tf
-
     if declared is None:
         return
 
+    def dims(spec: Any) -> tuple[Any, ...]:
+        return tuple(None if d is None else int(d) for d in tuple(spec.shape))
+
     def text(specs: list[Any]) -> str:
-        shapes = [
-            "(" + ", ".join("None" if d is None else str(d) for d in s.shape.as_list()) + ")"
-            for s in specs
-        ]
+        shapes = ["(" + ", ".join(str(d) for d in dims(s)) + ")" for s in specs]
         return shapes[0] if len(shapes) == 1 else "[" + ", ".join(shapes) + "]"
 
-    want, got = tf.nest.flatten(declared), tf.nest.flatten(given)
+    want, got = flatten(declared), flatten(given)
     if isinstance(given, dict) and not isinstance(declared, dict):
         fits = len(want) == len(got)  # keyed by input names: Keras matches them
     else:
         fits = len(want) == len(got) and all(
-            w.shape.rank == g.shape.rank
-            and all(a is None or a == b for a, b in zip(w.shape[1:], g.shape[1:], strict=True))
+            len(dims(w)) == len(dims(g))
+            and all(a is None or a == b for a, b in zip(dims(w)[1:], dims(g)[1:], strict=True))
             for w, g in zip(want, got, strict=True)
         )
     if not fits:

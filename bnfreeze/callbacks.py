@@ -375,7 +375,6 @@ class PreciseBN(_Callback):  # type: ignore[misc]
     def set_model(self, model: Any) -> None:
         """Check that ``layers`` selects BN layers of ``model``."""
         check_model(model, function="PreciseBN")
-        require_tensorflow_backend("PreciseBN")
         selected_batch_norms(walk(model), self.layers)
         # Before any epoch trains: data it could never read (an endless dataset without
         # `steps`, `batch_size` with a batched dataset, batches of the wrong shape).

@@ -124,3 +124,20 @@ def test_data_parallel_on_two_devices_gives_the_single_device_statistics():
         got_mean, got_variance = found["parallel"][name]
         np.testing.assert_allclose(got_mean, mean, rtol=1e-6, atol=1e-7, err_msg=name)
         np.testing.assert_allclose(got_variance, variance, rtol=1e-6, err_msg=name)
+
+
+def test_precise_bn_gives_population_statistics_on_every_backend():
+    """PreciseBN inside fit leaves numpy's float64 population moments of the BN's inputs
+    (a BN first in the model, so its inputs are the data), on every backend."""
+    x = np.random.default_rng(0).normal(3.0, 2.0, (64, 5)).astype("float32")
+    y = np.zeros((64, 1), "float32")
+    model = keras.Sequential(
+        [keras.Input((5,)), L.BatchNormalization(name="bn"), L.Dense(1, name="head")]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    precise = bnfreeze.callbacks.PreciseBN(x, batch_size=16)
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[precise])
+    bn = model.get_layer("bn")
+    mean, var = h.moments(x, (0,))
+    np.testing.assert_allclose(to_numpy(bn.moving_mean), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(bn.moving_variance), var, rtol=1e-5)

@@ -17,11 +17,6 @@ from tests import helpers as h
 from tests.trained import give_trained_state, image_data, image_model
 
 L = keras.layers
-#: audit and recalibrate need Keras's TensorFlow backend (tf-keras has no other).
-ON_TENSORFLOW = h.TF_KERAS or keras.backend.backend() == "tensorflow"
-tensorflow_only = pytest.mark.skipif(
-    not ON_TENSORFLOW, reason="audit and recalibrate need the TensorFlow backend"
-)
 
 
 # --- item 12: a serving thread does not notice an interception --------------------------
@@ -66,7 +61,12 @@ def _serving_during(model: Any, x: Any, batches: list[Any]) -> tuple[Any, list[n
     return errors, outputs
 
 
-@tensorflow_only
+@pytest.mark.skipif(
+    not (h.TF_KERAS or keras.backend.backend() == "tensorflow"),
+    reason="open (issue 15): on JAX/PyTorch recalibrate runs in the model's own predict "
+    "loop (its predict_step is replaced for the pass), which a serving thread's predict "
+    "shares",
+)
 def test_serving_thread_sees_plain_model_during_recalibrate() -> None:
     """Another thread calling the model during recalibrate gets a plain model's outputs,
     raises nothing, and the recalibrated statistics equal an undisturbed run's."""
@@ -178,7 +178,6 @@ def _codes(report: Any, *only: str) -> list[tuple[str, str]]:
     return [(f.code, f.path) for f in report.findings if not only or f.code in only]
 
 
-@tensorflow_only
 def test_fully_frozen_containers_have_no_audit_findings() -> None:
     """A frozen TimeDistributed(BN) and a frozen custom block get no active-in-frozen-part
     warning (freeze on them changes nothing), while unfrozen-but-not-pinned parts do."""
@@ -216,13 +215,11 @@ def test_dropout_in_block_without_training_is_pinned_by_freeze(tmp_path: Any) ->
     assert abs(fit - evaluate) > 1e-3  # it fires in fit before freeze
     model.get_layer("blk").trainable = False
     active = "active-in-frozen-part"
-    if ON_TENSORFLOW:
-        assert _codes(bnfreeze.audit(model), active) == [(active, "blk/drop")]
+    assert _codes(bnfreeze.audit(model), active) == [(active, "blk/drop")]
     bnfreeze.freeze(model, "blk")
     assert h.frozen_modes(model) == {"blk/drop": "inference"}
-    if ON_TENSORFLOW:
-        assert [r.path for r in bnfreeze.audit(model).rows] == ["blk/drop"]
-        assert _codes(bnfreeze.audit(model), active) == []
+    assert [r.path for r in bnfreeze.audit(model).rows] == ["blk/drop"]
+    assert _codes(bnfreeze.audit(model), active) == []
     fit, evaluate = _fit_and_evaluate_loss(model)
     np.testing.assert_allclose(fit, evaluate, rtol=1e-6)
     path = str(tmp_path / "m.keras")
@@ -302,7 +299,6 @@ def _two_inputs() -> Any:
     return give_trained_state(keras.Model([a, b], L.Dense(2, name="head")(x)))
 
 
-@tensorflow_only
 def test_recalibrate_refuses_dict_with_wrong_keys() -> None:
     """A dict of inputs without one of the model's input names raises DataError before
     anything changes (it used to fail inside the traced pass with a plain error)."""
@@ -320,7 +316,6 @@ def test_recalibrate_refuses_dict_with_wrong_keys() -> None:
     np.testing.assert_allclose(mean, data["a"].mean(axis=0), rtol=1e-5, atol=1e-5)
 
 
-@tensorflow_only
 def test_audit_refuses_wrong_shaped_x() -> None:
     """audit with an `x` the model cannot take raises DataError naming both shapes."""
     model = _two_inputs()
@@ -335,7 +330,6 @@ def test_audit_refuses_wrong_shaped_x() -> None:
     assert bnfreeze.audit(model, [x[0], h.data((3,), n=8)]).rows  # the right shape works
 
 
-@tensorflow_only
 @pytest.mark.parametrize(
     ("width", "error", "expected"),
     [
