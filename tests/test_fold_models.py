@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze._compat import keras
+from bnfreeze._compat import keras, to_numpy
 from tests import helpers as h
 from tests.test_fold import (
     assert_same_predictions,
@@ -51,7 +51,7 @@ def calibrate(model: Any, seed: int = 0) -> None:
                 name = str(variable.name).split("/")[-1].split(":")[0]
                 low, high = {"mean": (-0.2, 0.2), "variance": (0.5, 2.0)}.get(name, (4, 4))
                 shape = tuple(variable.shape)
-                variable.assign(rng.uniform(low, high, shape).astype(variable.dtype))
+                variable.assign(rng.uniform(low, high, shape).astype(to_numpy(variable).dtype))
             if hasattr(layer, "finalize_state"):
                 layer.finalize_state()
     bnfreeze.recalibrate(model, images(8, seed + 100), batch_size=8, verbose=0)
