@@ -125,6 +125,10 @@ BACKEND_TESTS = [
     "tests/test_workflows.py",
     "tests/test_edges.py",
     "tests/test_trained_fixture.py",
+    "tests/test_callbacks.py",
+    "tests/test_callbacks_engines.py",
+    "tests/test_callbacks_precise_bn.py",
+    "tests/test_lr_multipliers.py",
 ]
 
 

@@ -24,6 +24,7 @@ from bnfreeze._errors import (
 from bnfreeze._fold import fold
 from bnfreeze._fold_report import FoldReport
 from bnfreeze._freeze import freeze, unfreeze
+from bnfreeze._lr import layer_decay, lr_multipliers, set_lr_multipliers
 from bnfreeze._modes import MODE_NAMES as BN_MODES
 from bnfreeze._modes import BNMode
 from bnfreeze._phases import LayerDivergence, PhaseComparison, compare_phases
@@ -61,7 +62,10 @@ __all__ = [
     "fold",
     "freeze",
     "last",
+    "layer_decay",
+    "lr_multipliers",
     "recalibrate",
+    "set_lr_multipliers",
     "starting_at",
     "unfreeze",
     "up_to",

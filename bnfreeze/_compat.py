@@ -219,6 +219,18 @@ def current_stateless_scope() -> Any:
     return get_stateless_scope()
 
 
+def torch_parallel_optimizer() -> Any:
+    """Keras's base class of the PyTorch optimizers that update every variable in one
+    ``torch._foreach_*`` call (``None`` on other backends)."""
+    if backend_name() != "torch":
+        return None
+    from keras.src.backend.torch.optimizers.torch_parallel_optimizer import (
+        TorchParallelOptimizer,
+    )
+
+    return TorchParallelOptimizer
+
+
 def require_tensorflow_backend(function: str) -> None:
     """Raise :class:`BackendError` unless Keras runs on TensorFlow (what ``function`` needs:
     graph tracing, ``tf.function`` or ``tf.distribute``)."""

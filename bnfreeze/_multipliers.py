@@ -28,9 +28,11 @@ Keras 3 calls ``update_step(gradient, variable, learning_rate)`` per variable on
 TensorFlow backend (under ``tf.distribute`` too), which is where a nonzero multiplier
 scales the learning rate it is given (a scalar variable per entry, so a change of value
 needs no new trace). On JAX the multiplier is a constant of the traced step (a new
-value makes the train function again). PyTorch's built-in optimizers never call
-``update_step`` (they update all variables at once), so multipliers do not apply there
-yet (``Unfreeze`` refuses PyTorch).
+value makes the train function again). PyTorch's built-in optimizers update all
+variables in one ``torch._foreach_*`` call that never reads ``update_step``: while a
+nonzero multiplier is set, their step goes through the class's per-variable path
+(``update_step`` for each variable, what the class does once per step kept), which
+scales exactly as on the other backends; without one, the parallel path is untouched.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ from numbers import Real
 from typing import Any
 
 from bnfreeze._apply import CARRIED, Carried, update_carrier
-from bnfreeze._compat import IS_TF_KERAS, backend_name, keras, learning_rate_attribute
+from bnfreeze._compat import (
+    IS_TF_KERAS,
+    backend_name,
+    keras,
+    learning_rate_attribute,
+    torch_parallel_optimizer,
+)
 from bnfreeze._errors import ArgumentError, ArgumentTypeError, SavedFormatError
 from bnfreeze._optim import chain, refusal, variable_scope
 from bnfreeze._walk import walk
@@ -58,14 +66,41 @@ def variable_keys(model: Any) -> dict[int, str]:
     """``id(variable) -> key`` for every variable a layer of ``model`` creates as
     trainable: the layer's path in ``model`` and the variable's own name
     (``"block/conv/kernel"``). Unlike Keras's ``variable.path``, which depends on the name
-    scope the variable was created in, the key is the same after ``load_model``."""
+    scope the variable was created in, the key is the same after ``load_model``.
+
+    A layer the walk treats as one unit (a Transformer block, an attention layer) may
+    hold sublayers of its own: their variables are keyed under the unit's path by the
+    part of their own path (or name) that follows the unit's name
+    (``"encoder/transformer_layer_0/self_attention/query/kernel"``).
+    """
     keys: dict[int, str] = {}
+    attribute = "_trainable_weights" if IS_TF_KERAS else "_trainable_variables"
     for node in walk(model):
-        attribute = "_trainable_weights" if IS_TF_KERAS else "_trainable_variables"
-        for variable in getattr(node.layer, attribute, None) or []:
-            name = str(variable.name).split("/")[-1].split(":")[0]
-            keys.setdefault(id(variable), f"{node.path}/{name}")
+        layer = node.layer
+        for variable in getattr(layer, attribute, None) or []:
+            keys.setdefault(id(variable), f"{node.path}/{_own_name(variable)}")
+        if node.is_container:
+            continue
+        flatten = getattr(layer, "_flatten_layers", None)
+        inner = list(flatten(include_self=False, recursive=True)) if flatten else []
+        for sub in inner:
+            for variable in getattr(sub, attribute, None) or []:
+                if id(variable) not in keys:
+                    keys[id(variable)] = f"{node.path}/{_relative_name(variable, layer.name)}"
     return keys
+
+
+def _own_name(variable: Any) -> str:
+    return str(variable.name).split("/")[-1].split(":")[0]
+
+
+def _relative_name(variable: Any, unit: str) -> str:
+    full = str(getattr(variable, "path", None) or variable.name).split(":")[0]
+    parts = full.split("/")
+    if unit in parts[:-1]:
+        index = len(parts) - 1 - parts[::-1].index(unit)
+        return "/".join(parts[index + 1 :])
+    return full
 
 
 def stored(model: Any) -> dict[str, float]:
@@ -289,6 +324,34 @@ def _patch(opt: Any, table: _Table) -> None:
         return apply_gradients([g for g, _ in kept], [v for _, v in kept])
 
     object.__setattr__(opt, "_backend_apply_gradients", pausing_apply_gradients)
+    sequential = _sequential_update_step(type(opt))
+    if sequential is not None:
+        update_all = opt._backend_update_step
+
+        def per_variable_update_step(grads: Any, variables: Any, learning_rate: Any) -> Any:
+            if not table.scales:
+                return update_all(grads, variables, learning_rate)
+            return sequential(opt, grads, variables, learning_rate)
+
+        object.__setattr__(opt, "_backend_update_step", per_variable_update_step)
+
+
+def _sequential_update_step(cls: type) -> Any:
+    """PyTorch: the per-variable ``_backend_update_step`` that the class's parallel one
+    (all variables in one ``torch._foreach_*`` update, which never calls ``update_step``)
+    stands in front of, or ``None`` on other backends and for optimizers without one.
+
+    The per-variable path calls ``update_step`` for each variable, where the multiplier
+    scales the learning rate; what the class does once per step before it (``Nadam``'s
+    ``u_product``) is in the class's own ``_backend_update_step``, which is kept.
+    """
+    parallel = torch_parallel_optimizer()
+    if parallel is None or not issubclass(cls, parallel):
+        return None
+    for klass in cls.__mro__:
+        if "_backend_update_step" in vars(klass) and not issubclass(klass, parallel):
+            return vars(klass)["_backend_update_step"]
+    return None
 
 
 def _times(learning_rate: Any, scale: Any) -> Any:

@@ -78,9 +78,10 @@ def knows(optimizer: Any, variable: Any) -> bool:
 
 
 #: Backends on which a change of what trains inside ``fit`` works (the train function is
-#: made again and reads the variables at the next step): TensorFlow, and JAX, whose
-#: trainer gathers its state from the variables again after ``on_epoch_begin``.
-IN_FIT_BACKENDS = ("tensorflow", "jax")
+#: made again and reads the variables at the next step): TensorFlow; JAX, whose trainer
+#: gathers its state from the variables again after ``on_epoch_begin``; PyTorch, whose
+#: step reads ``model.trainable_weights`` anew every time (numpy cannot train).
+IN_FIT_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def variable_scope(model: Any) -> Any:

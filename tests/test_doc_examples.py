@@ -7,7 +7,8 @@ checkout first on the path and the flavour's environment (``TF_USE_LEGACY_KERAS`
 ``KERAS_BACKEND``) inherited, so the pages are checked on every flavour the suite runs on.
 
 A block that must not run (it needs a file, a dataset or a GPU the page only names) is
-preceded by the line ``<!-- not run: REASON -->``; the reason is part of the page's source
+preceded by the line ``<!-- not run: REASON -->`` (``<!-- not run on tf-keras: REASON -->``
+for Keras 3 code, KerasHub's for one, which runs on the Keras 3 flavours only); the reason is part of the page's source
 and this test lists such blocks by name, so skipping one is a visible decision. Doctest
 style (``>>>``) belongs in ```pycon blocks, which are not run here.
 """
@@ -27,7 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 _FENCE = re.compile(r"^(?P<indent> *)(?P<ticks>`{3,})(?P<info>[^`]*)$")
-_NOT_RUN = re.compile(r"^\s*<!-- not run: (?P<reason>.+?) -->\s*$")
+_NOT_RUN = re.compile(r"^\s*<!-- not run(?P<where> on tf-keras)?: (?P<reason>.+?) -->\s*$")
+
+#: The reason of a block kept from running on tf-keras only (Keras 3 code, KerasHub).
+_ON_TF_KERAS = "on tf-keras: "
 
 #: Each page runs in a child process; fail it if it takes longer than this.
 TIMEOUT = 600
@@ -59,7 +63,10 @@ def python_blocks(text: str) -> list[tuple[int, str, str | None]]:
             body = "\n".join(line[len(indent) :] for line in lines[i + 1 : end])
             previous = lines[i - 1] if i else ""
             skip = _NOT_RUN.match(previous)
-            blocks.append((i + 1, textwrap.dedent(body), skip["reason"] if skip else None))
+            reason = None
+            if skip:
+                reason = ("on tf-keras: " if skip["where"] else "") + skip["reason"]
+            blocks.append((i + 1, textwrap.dedent(body), reason))
         i = end + 1
     return blocks
 
@@ -68,11 +75,12 @@ def _program(page: Path) -> str:
     """The page's runnable blocks as one program, each announced on stderr by its line,
     so that a failure names the block it happened in."""
     parts = ["import sys"]
-    if os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true", "yes"):
+    tf_keras = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true", "yes")
+    if tf_keras:
         # On tf-keras the reader writes `import tf_keras as keras`, as the pages say.
         parts.append("import tf_keras; sys.modules['keras'] = tf_keras")
     for line, code, reason in python_blocks(page.read_text()):
-        if reason is None:
+        if reason is None or (reason.startswith(_ON_TF_KERAS) and not tf_keras):
             parts.append(f"print('--- {page.name}:{line}', file=sys.stderr, flush=True)")
             parts.append(f"exec(compile({code!r}, {f'{page.name}:{line}'!r}, 'exec'))")
     return "\n".join(parts)
@@ -94,6 +102,10 @@ def test_the_parser_finds_blocks_and_markers():
         ```python
         b = 2
         ```
+        <!-- not run on tf-keras: KerasHub -->
+        ```python
+        d = 3
+        ```
         - item
 
             ```python
@@ -104,7 +116,8 @@ def test_the_parser_finds_blocks_and_markers():
     assert python_blocks(page) == [
         (2, "a = 1", None),
         (9, "b = 2", "needs a GPU"),
-        (14, "c = a + 1", None),
+        (13, "d = 3", "on tf-keras: KerasHub"),
+        (18, "c = a + 1", None),
     ]
 
 

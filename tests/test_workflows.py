@@ -21,10 +21,6 @@ from tests.trained import give_trained_state
 
 L = keras.layers
 OPT = keras.optimizers
-ON_TORCH = not IS_TF_KERAS and keras.backend.backend() == "torch"
-#: Unfreeze/Freeze refuse the PyTorch backend (issue 15 open: torch's own optimizers never
-#: call update_step); test_torch_refuses_stages_before_any_change checks that refusal.
-NOT_ON_TORCH = pytest.mark.skipif(ON_TORCH, reason="Unfreeze/Freeze refuse PyTorch (open)")
 RNG = np.random.default_rng(3)
 X = RNG.normal(size=(32, 4)).astype("float32")
 Y = RNG.normal(size=(32, 2)).astype("float32")
@@ -83,7 +79,6 @@ JAX_EMA = pytest.mark.skipif(
 
 
 @JAX_EMA
-@NOT_ON_TORCH
 def test_layout_after_unfreeze_is_a_fresh_builds_with_slots_kept() -> None:
     """After Unfreeze: names, shapes and order of the optimizer's variables are a fresh
     build's over the trainable variables; the head's slots keep their values."""
@@ -115,7 +110,6 @@ def test_layout_after_unfreeze_is_a_fresh_builds_with_slots_kept() -> None:
 # --- checkpoints and resume ---------------------------------------------------------------
 
 
-@NOT_ON_TORCH
 def test_checkpoint_every_epoch_resumes_the_same_run(tmp_path: Any) -> None:
     """ModelCheckpoint each epoch across Unfreeze/Freeze: each checkpoint loads and, resumed
     with initial_epoch and the same callbacks, gives the uninterrupted run's step losses."""
@@ -138,7 +132,6 @@ def test_checkpoint_every_epoch_resumes_the_same_run(tmp_path: Any) -> None:
     )
 
 
-@NOT_ON_TORCH
 def test_multipliers_survive_save_and_load(tmp_path: Any) -> None:
     """A model saved after the unfreeze epoch keeps its multipliers, and training it after
     load (no extra call) scales the learning rate: the first SGD step is k times plain."""
@@ -167,7 +160,6 @@ def test_multipliers_survive_save_and_load(tmp_path: Any) -> None:
 
 @JAX_EMA
 @pytest.mark.skipif(IS_TF_KERAS, reason="tf-keras has no SwapEMAWeights callback")
-@NOT_ON_TORCH
 def test_ema_pairs_each_average_with_its_variable() -> None:
     """use_ema + Unfreeze of same-shaped layers: the averages swapped in are a numpy EMA of
     each variable's own per-step values."""
@@ -204,7 +196,6 @@ def test_ema_pairs_each_average_with_its_variable() -> None:
 # --- errors and edge cases -------------------------------------------------------------
 
 
-@NOT_ON_TORCH
 def test_callable_returning_a_bad_value_changes_nothing() -> None:
     """lr_multiplier returning a bad value: BNFreezeError, and the layers stay frozen."""
     model = same_shaped()
@@ -218,7 +209,6 @@ def test_callable_returning_a_bad_value_changes_nothing() -> None:
     assert not model.get_layer("a").trainable and not model.get_layer("b").trainable
 
 
-@NOT_ON_TORCH
 def test_huge_multiplier_is_refused() -> None:
     """lr_multiplier=10**400 (no float holds it): ArgumentError, not OverflowError."""
     with pytest.raises(bnfreeze.ArgumentError) as info:
@@ -230,7 +220,6 @@ def test_huge_multiplier_is_refused() -> None:
 
 
 @pytest.mark.parametrize("function", ["unfreeze", "freeze"])
-@NOT_ON_TORCH
 def test_freeze_from_a_user_callback_works_from_the_next_step(function: str) -> None:
     """freeze/unfreeze called in a user's on_epoch_begin: fit goes on and trains the new
     set from that epoch, exactly as the Freeze/Unfreeze callback does."""
@@ -256,7 +245,6 @@ def test_freeze_from_a_user_callback_works_from_the_next_step(function: str) -> 
 
 
 @pytest.mark.skipif(IS_TF_KERAS, reason="tf-keras: the paused variable's lr is scaled to 0")
-@NOT_ON_TORCH
 def test_zero_multiplier_keeps_paused_gradients_out_of_global_clipnorm() -> None:
     """global_clipnorm with lr_multiplier=0: the rest trains exactly as if nothing had been
     unfrozen (the paused gradients do not enter the norm)."""
@@ -269,18 +257,3 @@ def test_zero_multiplier_keeps_paused_gradients_out_of_global_clipnorm() -> None
         runs.append(weights(model))
     for x, y in zip(*runs, strict=True):
         np.testing.assert_array_equal(x, y)
-
-
-@pytest.mark.skipif(not ON_TORCH, reason="the refusal of the PyTorch backend")
-@pytest.mark.parametrize("stage", [Unfreeze, Freeze], ids=["unfreeze", "freeze"])
-def test_torch_refuses_stages_before_any_change(stage):
-    """On PyTorch a stage raises BackendError when fit starts, before any weight changes."""
-    model = keras.Sequential(
-        [keras.Input((4,)), L.Dense(3, name="a"), L.BatchNormalization(name="bn"), L.Dense(2)]
-    )
-    model.compile(optimizer=OPT.SGD(0.1), loss="mse")
-    before = [to_numpy(v) for v in model.weights]
-    with pytest.raises(bnfreeze.BackendError, match="TensorFlow backend"):
-        model.fit(X, Y, epochs=1, verbose=0, callbacks=[stage(0, ["a"])])
-    for variable, value in zip(model.weights, before, strict=True):
-        np.testing.assert_array_equal(to_numpy(variable), value)
