@@ -280,4 +280,6 @@ def _start_averages(opt: Any, variables: Sequence[Any]) -> None:
     for variable in variables:
         average = averages[index[opt._var_key(variable)]]
         if average is not None:
-            average.assign(variable)
+            # A copy: on JAX an assigned array is shared, not copied, and the train step
+            # donates each of its buffers once (the same buffer twice fails).
+            average.assign(to_numpy(variable))

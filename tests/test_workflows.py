@@ -70,15 +70,8 @@ def weights(model: Any) -> list[np.ndarray]:
 # --- the optimizer's layout ------------------------------------------------------------
 
 
-#: JAX: after a stage, a fit with ``use_ema=True`` reads a purged variable (the trainer
-#: holds the values during the epoch); not solved yet.
-JAX_EMA = pytest.mark.skipif(
-    keras.backend.backend() == "jax" and not IS_TF_KERAS,
-    reason="JAX: use_ema after a stage reads a purged variable in fit (open)",
-)
 
 
-@JAX_EMA
 def test_layout_after_unfreeze_is_a_fresh_builds_with_slots_kept() -> None:
     """After Unfreeze: names, shapes and order of the optimizer's variables are a fresh
     build's over the trainable variables; the head's slots keep their values."""
@@ -158,7 +151,6 @@ def test_multipliers_survive_save_and_load(tmp_path: Any) -> None:
 # --- weight averaging ------------------------------------------------------------------
 
 
-@JAX_EMA
 @pytest.mark.skipif(IS_TF_KERAS, reason="tf-keras has no SwapEMAWeights callback")
 def test_ema_pairs_each_average_with_its_variable() -> None:
     """use_ema + Unfreeze of same-shaped layers: the averages swapped in are a numpy EMA of
