@@ -8,8 +8,9 @@ checkout first on the path and the flavour's environment (``TF_USE_LEGACY_KERAS`
 
 A block that must not run (it needs a file, a dataset or a GPU the page only names) is
 preceded by the line ``<!-- not run: REASON -->`` (``<!-- not run on tf-keras: REASON -->``
-for Keras 3 code, KerasHub's for one, which runs on the Keras 3 flavours only); the reason is part of the page's source
-and this test lists such blocks by name, so skipping one is a visible decision. Doctest
+for Keras 3 code such as KerasHub's, run on the Keras 3 flavours only); the reason is part
+of the page's source and this test lists such blocks by name, so skipping one is a
+visible decision. Doctest
 style (``>>>``) belongs in ```pycon blocks, which are not run here.
 """
 

@@ -278,3 +278,26 @@ def test_weight_decay_leaves_out_norms_and_biases_with_the_documented_line() -> 
     for key in ("stem/bias", "block1_bn/gamma", "block1_bn/beta", "head/bias"):
         np.testing.assert_allclose(moved[key], reference[key], rtol=1e-5, atol=1e-8)
     assert not np.allclose(moved["stem/kernel"], reference["stem/kernel"], rtol=1e-3)
+
+
+#: Every built-in optimizer whose update is linear in its learning rate (Ftrl divides by
+#: it: the multiplier scales its learning rate all the same, but not its update k-fold).
+BUILT_IN = ["Adadelta", "Adafactor", "Adagrad", "Adamax", "Lamb", "Lion", "Nadam", "RMSprop"]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_built_in_optimizer_scales_by_k(name: str) -> None:
+    cls = getattr(OPT, name, None)
+    if cls is None:
+        pytest.skip(f"this Keras has no keras.optimizers.{name}")
+    model = build()
+    reference = twin(model)
+    bnfreeze.set_lr_multipliers(model, {"stem": 0.25, "block2_dense": 2.0})
+    model.compile(cls(learning_rate=0.01), "mse")
+    reference.compile(cls(learning_rate=0.01), "mse")
+    moved, plain = step(model), step(reference)
+    scale = {
+        **dict.fromkeys(["stem/kernel", "stem/bias"], 0.25),
+        **dict.fromkeys(["block2_dense/kernel", "block2_dense/bias"], 2.0),
+    }
+    assert_scaled(moved, plain, scale)
