@@ -70,8 +70,6 @@ def weights(model: Any) -> list[np.ndarray]:
 # --- the optimizer's layout ------------------------------------------------------------
 
 
-
-
 def test_layout_after_unfreeze_is_a_fresh_builds_with_slots_kept() -> None:
     """After Unfreeze: names, shapes and order of the optimizer's variables are a fresh
     build's over the trainable variables; the head's slots keep their values."""
