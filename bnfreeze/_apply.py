@@ -235,9 +235,8 @@ class _Snapshot:
                 failed.append(f"{what}: {type(exc).__name__}: {exc}")
 
         for layer, state, _ in self.layers:  # unlocked for now: flags must reach them
-            attempt(
-                f"the class of {layer.name!r}", _bind(restore_pin_state, layer, state, lock=False)
-            )
+            unlocked = state._replace(lock=None)
+            attempt(f"the class of {layer.name!r}", _bind(restore_pin_state, layer, unlocked))
         for layer, _, flag in self.layers:  # parents before children, as set
             if bool(layer.trainable) != flag:
                 attempt(f"`trainable` of {layer.name!r}", _bind(setattr, layer, "trainable", flag))

@@ -78,9 +78,8 @@ def pin_state(layer: Any) -> PinState:
     )
 
 
-def restore_pin_state(layer: Any, state: PinState, *, lock: bool = True) -> None:
-    """Put back what :func:`pin_state` returned (its lock too unless ``lock=False``: the
-    layer is then left unlocked, so that its ``trainable`` flag can be put back)."""
+def restore_pin_state(layer: Any, state: PinState) -> None:
+    """Put back what :func:`pin_state` returned."""
     if type(layer) is not state.cls:
         layer.__class__ = state.cls
     if state.mode is None:
@@ -88,7 +87,7 @@ def restore_pin_state(layer: Any, state: PinState, *, lock: bool = True) -> None
     elif layer.__dict__.get(_MODE_ATTR) != state.mode:
         set_pinned_mode(layer, state.mode)
     mark_kept_active(layer, state.kept_active)
-    set_locked_value(layer, state.lock if lock else None)
+    set_locked_value(layer, state.lock)
 
 
 def locked_value(layer: Any) -> bool | None:
