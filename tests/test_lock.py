@@ -68,11 +68,12 @@ def _y() -> np.ndarray:
 
 
 def _variables(model: Any, paths: list[str]) -> dict[str, np.ndarray]:
-    """Every variable of the layers at ``paths``, by layer path and variable name."""
+    """Every variable of the layers at ``paths``, by layer path and short variable name
+    (``"bn:gamma"``; tf-keras names it ``"bn/gamma:0"``)."""
     found = {}
     for path in paths:
         for v in h.layer_at(model, path).weights:
-            found[f"{path}:{v.name}"] = to_numpy(v)
+            found[f"{path}:{v.name.split('/')[-1].split(':')[0]}"] = to_numpy(v)
     return found
 
 
@@ -240,8 +241,8 @@ def test_the_lock_survives_saving_and_cloning(
     _assert_moved(before, _variables(loaded, paths))
 
 
-@keras.saving.register_keras_serializable(package="bnfreeze_tests")
-class Block(keras.Model):
+@keras.saving.register_keras_serializable(package="bnfreeze_lock_tests")
+class LockBlock(keras.Model):
     """A subclassed backbone: saves its constructor arguments, so it carries the freeze."""
 
     def __init__(self, filters: int = 4, **kwargs: Any) -> None:
@@ -249,19 +250,20 @@ class Block(keras.Model):
         self.filters = filters
         self.conv = L.Conv2D(filters, 3, name="conv")
         self.bn = L.BatchNormalization(name="bn")
+        self.relu = L.ReLU(name="relu")
         self.pool = L.GlobalAveragePooling2D(name="gap")
 
     def call(self, inputs: Any, training: Any = None) -> Any:
-        return self.pool(keras.ops.relu(self.bn(self.conv(inputs), training=training)))
+        return self.pool(self.relu(self.bn(self.conv(inputs), training=training)))
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "filters": self.filters}
+        return {"name": self.name, "filters": self.filters}  # tf-keras's base has no name
 
 
 def test_a_subclassed_backbone_carries_the_lock_through_saving(tmp_path: Any) -> None:
     """A locked subclassed backbone (rebuilt from its constructor on load) is locked again."""
     inputs = keras.Input((6, 6, 3))
-    block = Block(name="backbone")
+    block = LockBlock(name="backbone")
     model = _with_state(keras.Model(inputs, L.Dense(2, name="head")(block(inputs)), name="sub"))
     bnfreeze.freeze(model, "backbone", lock=True)
     loaded = _save_and_load(model, tmp_path)
