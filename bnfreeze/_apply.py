@@ -1,12 +1,13 @@
 """Applying a freeze: every change in small steps, all undone when one of them fails.
 
 A :class:`Plan` says, for one model, the ``trainable`` flag every layer ends with and
-which layers are pinned (in which mode), unpinned or marked kept-active. :func:`apply`
-makes those changes one step at a time (:func:`_changes`), then brings the ``training=``
-values recorded in the graph and the containers' saved form in line. A snapshot taken
-before the first step puts back, if any step raises, every layer's class, pinned mode,
-kept-active mark and ``trainable`` flag, every variable's ``trainable`` flag and every
-recorded ``training=`` value: a failed ``freeze`` leaves the model exactly as it was.
+which layers are pinned (in which mode), unpinned, marked kept-active, locked or
+unlocked. :func:`apply` makes those changes one step at a time (:func:`_changes`), then
+brings the ``training=`` values recorded in the graph and the containers' saved form in
+line. A snapshot taken before the first step puts back, if any step raises, every
+layer's class, pinned mode, kept-active mark, lock and ``trainable`` flag, every
+variable's ``trainable`` flag and every recorded ``training=`` value: a failed
+``freeze`` leaves the model exactly as it was.
 
 **Containers that rebuild their layers.** A container whose class is not Keras's own (a
 subclassed model, a KerasHub backbone or task, a custom block holding a BN) saves its
@@ -14,7 +15,7 @@ constructor arguments, not its layers, so loading builds fresh layers and every 
 flag inside is lost. While anything inside such a container is frozen, it *carries* the
 freeze: its class is swapped, as a pinned layer's is, for a generated subclass of the
 same name that saves ``{"container": <its own saved form>, "trainable", "layers": [the
-path, class, trainable flag and pinned mode of every layer inside]}`` under the
+path, class, trainable flag, pinned mode and lock of every layer inside]}`` under the
 registered name ``"bnfreeze>FrozenContainer"``, and applies that record again (through
 :func:`apply`) when it is loaded or cloned.
 """
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from bnfreeze._compat import IS_TF_KERAS, keras, register_serialized_name, reset_compiled_functions
 from bnfreeze._errors import BNFreezeError, UnsupportedLayerError
 from bnfreeze._kinds import (
+    is_lock_only,
+    is_locked,
     is_pinned,
     mark_kept_active,
     original_class,
@@ -36,16 +39,20 @@ from bnfreeze._kinds import (
     pinned_mode,
     register_generated_class,
     restore_pin_state,
+    set_locked_value,
 )
 from bnfreeze._layers import (
     FORMAT_VERSION,
+    LOCK_FORMAT_VERSION,
     SavedFormLoader,
     check_saved_form,
     check_saved_mode,
     for_any_format,
     generated_subclass,
+    lock,
     pin,
     serialize_as_original,
+    unlock,
     unpin,
 )
 from bnfreeze._nodes import (
@@ -71,6 +78,8 @@ class Plan:
     trainable: dict[int, bool]  # id(layer) -> final flag, for the model and every node
     pins: list[tuple[Node, str | None]]  # the mode to pin each layer in, None to unpin
     kept_active: list[tuple[Node, bool]]
+    # True: lock the layer at its final flag; False: lift its lock. Others keep theirs.
+    locks: list[tuple[Node, bool]] = field(default_factory=list)
 
 
 class Change(NamedTuple):
@@ -122,6 +131,11 @@ def _failure_message(function: str, what: str, exc: Exception, failed: list[str]
 
 def _changes(plan: Plan) -> Iterator[Change]:
     """The steps of ``plan`` in order; the later ones are worked out once the earlier ran."""
+    # The locks this plan decides are lifted first (the flags must reach those layers),
+    # and set again last; the layers locked before and not in the plan keep their flag.
+    for node, _ in plan.locks:
+        if is_locked(node.layer):
+            yield Change(f"lift the lock of layer {node.path!r}", _bind(unlock, node.layer))
     # Containers first (their setter propagates down), then every layer its own flag.
     yield _set_trainable(plan.model, "the model", plan.trainable[id(plan.model)])
     for node in plan.nodes:
@@ -136,6 +150,13 @@ def _changes(plan: Plan) -> Iterator[Change]:
             f"{'mark' if kept else 'unmark'} layer {node.path!r} as kept active",
             _bind(mark_kept_active, node.layer, kept),
         )
+    for node, locked in plan.locks:
+        if locked:
+            flag = plan.trainable[id(node.layer)]
+            yield Change(
+                f"lock layer {node.path!r} at `trainable={flag}`",
+                _bind(lock, node.layer, flag),
+            )
     yield from _recorded_training_changes(plan.model, plan.nodes)
     yield from _carrier_changes(plan.model, plan.nodes)
 
@@ -213,8 +234,9 @@ class _Snapshot:
             except Exception as exc:  # keep undoing the rest
                 failed.append(f"{what}: {type(exc).__name__}: {exc}")
 
-        for layer, state, _ in self.layers:
-            attempt(f"the class of {layer.name!r}", _bind(restore_pin_state, layer, state))
+        for layer, state, _ in self.layers:  # unlocked for now: flags must reach them
+            unlocked = state._replace(lock=None)
+            attempt(f"the class of {layer.name!r}", _bind(restore_pin_state, layer, unlocked))
         for layer, _, flag in self.layers:  # parents before children, as set
             if bool(layer.trainable) != flag:
                 attempt(f"`trainable` of {layer.name!r}", _bind(setattr, layer, "trainable", flag))
@@ -224,6 +246,9 @@ class _Snapshot:
                     f"`trainable` of variable {variable.name!r}",
                     _bind(setattr, variable, "trainable", flag),
                 )
+        for layer, state, _ in self.layers:
+            if state.lock is not None:
+                attempt(f"the lock of {layer.name!r}", _bind(set_locked_value, layer, state.lock))
         for layer, graph_node, value, removed in self.graph:
             attempt(
                 f"a `training=` recorded for {layer.name!r}",
@@ -316,7 +341,7 @@ def _holds_a_freeze(node: Node, nodes: list[Node]) -> bool:
     if _carries_a_record(node.layer):
         return True
     return not node.layer.trainable or any(
-        is_pinned(n.layer) or not n.layer.trainable for n in below
+        is_pinned(n.layer) or is_locked(n.layer) or not n.layer.trainable for n in below
     )
 
 
@@ -382,7 +407,7 @@ def carrier_class(base: type) -> type | None:
         _CARRIERS[base] = None
         return None
     register_serialized_name(cls, CONTAINER_REGISTERED_NAME)
-    register_generated_class(cls, base, pins=False)
+    register_generated_class(cls, base, kind="carrier")
     _CARRIER_SET.add(cls)
     _CARRIERS[base] = cls
     return cls
@@ -399,21 +424,24 @@ def _carrier_make_train_function(base: Any) -> Callable[..., Any]:
 
 def _carrier_get_config(self: Any) -> dict[str, Any]:
     records = {c.key: r for c in CARRIED if (r := c.record(self)) is not None}
+    entries = [
+        {
+            "path": n.path,
+            "class_name": original_class(n.layer).__name__,
+            "trainable": bool(n.layer.trainable),
+            "mode": pinned_mode(n.layer),
+            **({"locked": True} if is_locked(n.layer) else {}),
+        }
+        for n in walk(self)
+    ]
+    locked = any("locked" in entry for entry in entries)
     return {
         **records,
-        "version": FORMAT_VERSION,
+        "version": LOCK_FORMAT_VERSION if locked else FORMAT_VERSION,
         "name": self.name,
         "trainable": bool(self.trainable),
         "container": _serialize_unpinned(self),
-        "layers": [
-            {
-                "path": n.path,
-                "class_name": original_class(n.layer).__name__,
-                "trainable": bool(n.layer.trainable),
-                "mode": pinned_mode(n.layer),
-            }
-            for n in walk(self)
-        ],
+        "layers": entries,
     }
 
 
@@ -431,11 +459,11 @@ def _serialize_unpinned(container: Any) -> dict[str, Any]:
     """The container serialised as its original class with every layer inside unpinned
     for the moment (a wrapper saves its layer's config: the plain one, which every
     format loads; the ``"layers"`` entries pin it again)."""
-    inside = [n.layer for n in walk(container) if is_pinned(n.layer)]
+    inside = [n.layer for n in walk(container) if is_pinned(n.layer) or is_lock_only(n.layer)]
     states = [pin_state(layer) for layer in inside]
     try:
         for layer in inside:
-            unpin(layer)
+            layer.__class__ = original_class(layer)
         return serialize_as_original(container)
     finally:
         for layer, state in zip(inside, states, strict=True):
@@ -476,12 +504,16 @@ def restore(container: Any, config: dict[str, Any]) -> Any:
     trainable = {id(n.layer): bool(n.layer.trainable) for n in nodes}
     trainable[id(container)] = bool(config["trainable"])
     pins: list[tuple[Node, str | None]] = []
+    locks: list[tuple[Node, bool]] = []
     for node, entry in matched:
         trainable[id(node.layer)] = bool(entry["trainable"])
-        if entry["mode"] is not None:
-            check_saved_mode(node.layer, entry["mode"])
+        locked = entry.get("locked", False) is True
+        if entry["mode"] is not None or locked:
+            check_saved_mode(node.layer, entry["mode"], locked=locked)
         pins.append((node, entry["mode"]))
-    apply(Plan(container, nodes, trainable, pins, []), function="load")
+        if locked:
+            locks.append((node, True))
+    apply(Plan(container, nodes, trainable, pins, [], locks), function="load")
     if missing:
         warnings.warn(
             f"bnfreeze could not find {len(missing)} of the saved layers of "

@@ -18,7 +18,13 @@ from bnfreeze._compat import (
 from bnfreeze._data import batch_spec
 from bnfreeze._errors import ArgumentError, DataError, ModelError
 from bnfreeze._findings import Context, all_findings
-from bnfreeze._kinds import depends_on_phase, is_batch_norm, original_class, pinned_mode
+from bnfreeze._kinds import (
+    depends_on_phase,
+    is_batch_norm,
+    is_locked,
+    original_class,
+    pinned_mode,
+)
 from bnfreeze._report import AuditReport, Behaviour, LayerRecord
 from bnfreeze._trace import (
     Observation,
@@ -107,6 +113,7 @@ def build_report(
                 evaluate=infer,
                 predict=infer,
                 recorded_training=recorded_value(layer),
+                locked=is_locked(layer),
             )
         )
     findings = all_findings(Context(model, nodes, records, obs, batch_size or _static_batch(spec)))

@@ -2,8 +2,8 @@
 
 Nothing is changed until every argument, layer and mode has been checked and every
 class a layer will be switched to exists; the plan then lists, for every layer, the
-``trainable`` flag it ends with and whether it is pinned, and ``_apply`` makes those
-changes, undoing all of them if one fails.
+``trainable`` flag it ends with, whether it is pinned and whether it is locked, and
+``_apply`` makes those changes, undoing all of them if one fails.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from bnfreeze._kinds import (
     check_supported_batch_norm,
     depends_on_phase,
     is_batch_norm,
+    is_locked,
     is_pinned,
     original_class,
     pinned_mode,
 )
-from bnfreeze._layers import pinned_class
+from bnfreeze._layers import lock_class, pinned_class
 from bnfreeze._modes import PINNED_INFERENCE, BNMode, check_mode
 from bnfreeze._optim import (
     IN_FIT_BACKENDS,
@@ -43,6 +44,7 @@ class _Step:
     pin: str | None  # the mode to pin, or None to leave the layer unpinned
     trainable: bool
     kept_active: bool = False  # frozen with keep_dropout=True: active in fit on purpose
+    lock: bool | None = None  # True: lock at `trainable`; False: lift a lock; None: keep
 
 
 def _check_pinnable(steps: list[_Step]) -> None:
@@ -50,11 +52,11 @@ def _check_pinnable(steps: list[_Step]) -> None:
         layer = step.node.layer
         if is_batch_norm(layer):
             check_supported_batch_norm(step.node.path, layer)
-        if step.pin is None:
+        if step.pin is None and not step.lock:
             continue
         cls = original_class(layer)
         try:
-            pinned_class(cls)
+            pinned_class(cls) if step.pin is not None else lock_class(cls)
         except Exception as exc:
             raise UnsupportedLayerError(
                 f"Layer {step.node.path!r} is a {cls.__name__}, a class bnfreeze cannot "
@@ -101,6 +103,7 @@ def _plan_and_apply(model: Any, nodes: list[Node], planned: list[_Step], functio
         trainable=_final_trainable(nodes, model, leaf_trainable),
         pins=[(s.node, s.pin) for s in planned],
         kept_active=[(s.node, s.kept_active) for s in planned],
+        locks=[(s.node, s.lock) for s in planned if s.lock is not None],
     )
     apply(plan, function=function)
     keep_training(model, compiled)
@@ -143,6 +146,7 @@ def freeze(
     *,
     bn_mode: BNMode = "inference",
     keep_dropout: bool = False,
+    lock: bool = False,
 ) -> Any:
     """Freeze ``layers`` of ``model`` and pin what their BatchNormalization layers do.
 
@@ -151,6 +155,13 @@ def freeze(
     later set as ``trainable``; the frozen part's Dropout, noise and augmentation layers
     run as at inference. Why ``trainable`` and ``training`` differ, and freezing a compiled
     model: [the fine-tuning guide](guide-freezing.md).
+
+    With ``lock=True`` the selected layers' ``trainable`` flags are locked too (a hard
+    lock, as detectron2's ``FrozenBatchNorm2d``): a later ``model.trainable = True``, or
+    any ``trainable`` set on them or on a model above them, leaves them as ``freeze``
+    made them until [`unfreeze`][bnfreeze.unfreeze] lifts the lock. ``freeze`` without
+    ``lock`` on a locked layer keeps it locked (at what the new call gives it). The lock
+    is saved with the model and kept by ``keras.models.clone_model``.
 
     Note:
         ``model`` is changed in place and returned: no layer is replaced and no variable
@@ -166,6 +177,7 @@ def freeze(
             ``bnfreeze.last(20) - "*_bn"``.
         bn_mode: ``"inference"``, ``"affine"``, ``"adapt"`` or ``"train"``.
         keep_dropout: Leave the frozen part's Dropout-like layers active during ``fit``.
+        lock: Lock the selected layers' ``trainable`` flags against later changes.
 
     Returns:
         ``model`` itself.
@@ -177,7 +189,7 @@ def freeze(
         UnsupportedLayerError: a selected BN variant overrides its own ``call``, or a
             selected layer refuses the change (its class cannot be subclassed, its
             ``trainable`` setter raises).
-        ArgumentTypeError: ``keep_dropout`` is not a bool.
+        ArgumentTypeError: ``keep_dropout`` or ``lock`` is not a bool.
 
     Examples:
         >>> import keras, bnfreeze
@@ -186,26 +198,30 @@ def freeze(
         >>> model = bnfreeze.freeze(model, ["dense", "bn"], bn_mode="affine")
         >>> [(layer.name, layer.trainable) for layer in model.layers]
         [('dense', False), ('bn', True), ('head', True)]
+        >>> model = bnfreeze.freeze(model, "dense", lock=True)
+        >>> model.trainable = True
+        >>> model.get_layer("dense").trainable
+        False
     """
     spec = check_mode(bn_mode)
-    if not isinstance(keep_dropout, bool):
-        raise ArgumentTypeError(
-            f"Expected `keep_dropout` to be a bool. Received: keep_dropout={keep_dropout!r}."
-        )
+    for name, value in (("keep_dropout", keep_dropout), ("lock", lock)):
+        if not isinstance(value, bool):
+            raise ArgumentTypeError(f"Expected `{name}` to be a bool. Received: {name}={value!r}.")
     check_model(model, function="freeze")
     nodes = walk(model)
     selected = select(nodes, layers)
     planned: list[_Step] = []
     for node in selected:
         layer = node.layer
+        locks = True if lock or is_locked(layer) else None
         if is_batch_norm(layer):
-            planned.append(_Step(node, spec.name, spec.trains_affine))
+            planned.append(_Step(node, spec.name, spec.trains_affine, lock=locks))
         elif depends_on_phase(layer) and not keep_dropout:
-            planned.append(_Step(node, PINNED_INFERENCE, False))
+            planned.append(_Step(node, PINNED_INFERENCE, False, lock=locks))
         elif depends_on_phase(layer):
-            planned.append(_Step(node, None, False, kept_active=True))
+            planned.append(_Step(node, None, False, kept_active=True, lock=locks))
         else:
-            planned.append(_Step(node, None, False))
+            planned.append(_Step(node, None, False, lock=locks))
     _plan_and_apply(model, nodes, planned, "freeze")
     return model
 
@@ -217,7 +233,8 @@ def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = No
     [`freeze`][bnfreeze.freeze], so ``unfreeze(freeze(model))`` has the same config and
     weights as ``model`` had (when all its layers were trainable). With a ``bn_mode``, the
     selected BN layers take that mode instead (fine-tune a block, BN on its moving
-    statistics). After a ``fit`` has built the optimizer, compile again.
+    statistics). ``unfreeze`` lifts the lock that ``freeze(..., lock=True)`` set on the
+    layers it selects. After a ``fit`` has built the optimizer, compile again.
 
     Note:
         ``model`` is changed in place and returned; when ``unfreeze`` raises, nothing
@@ -250,9 +267,9 @@ def unfreeze(model: Any, layers: Selector = None, *, bn_mode: BNMode | None = No
     planned: list[_Step] = []
     for node in selected:
         if is_batch_norm(node.layer) and spec is not None:
-            planned.append(_Step(node, spec.name, spec.trains_affine))
+            planned.append(_Step(node, spec.name, spec.trains_affine, lock=False))
         else:
-            planned.append(_Step(node, None, True))
+            planned.append(_Step(node, None, True, lock=False))
     _plan_and_apply(model, nodes, planned, "unfreeze")
     return model
 

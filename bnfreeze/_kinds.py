@@ -2,24 +2,32 @@
 
 The questions every other module asks about one layer, answered in one place. Pinned
 layers (see ``_layers``) are instances of generated subclasses registered here with the
-class they were made from; their mode is kept on the instance. A container that carries
-its parts' freeze through saving (see ``_apply``) is an instance of a generated subclass
-too, registered here as well but not pinned. Nothing else reads or writes either.
+class they were made from; their mode is kept on the instance. A layer locked by
+``freeze(..., lock=True)`` keeps its locked ``trainable`` value on the instance too; a
+locked layer that is not pinned (a Conv2D) is an instance of a generated *lock-only*
+subclass. A container that carries its parts' freeze through saving (see ``_apply``) is
+an instance of a generated subclass too, registered here as well but neither pinned nor
+locking. Nothing else reads or writes any of these.
 """
 
 from __future__ import annotations
 
 import inspect
 from functools import cache
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from bnfreeze._compat import BN_BASE, Model, training_matters_only_for_float8
 from bnfreeze._errors import UnsupportedLayerError
 
 _ORIGINAL: dict[type, type] = {}  # generated class -> the class it was made from
 _PINNING: set[type] = set()  # the generated classes that pin a layer
+_LOCKING: set[type] = set()  # the generated lock-only classes (locked, not pinned)
 _MODE_ATTR = "_bnfreeze_mode"
 _KEPT_ACTIVE_ATTR = "_bnfreeze_kept_active"
+_LOCK_ATTR = "_bnfreeze_locked"
+
+#: What a generated class does: pin a layer, only lock it, or carry a container's freeze.
+GeneratedKind = Literal["pin", "lock", "carrier"]
 
 
 def is_batch_norm(layer: Any) -> bool:
@@ -27,12 +35,15 @@ def is_batch_norm(layer: Any) -> bool:
     return isinstance(layer, BN_BASE)
 
 
-def register_generated_class(generated: type, original: type, *, pins: bool) -> None:
-    """Record that ``generated`` was made from ``original`` by ``_layers``: the pinned form
-    of a layer (``pins=True``) or a container carrying its parts' freeze."""
+def register_generated_class(generated: type, original: type, *, kind: GeneratedKind) -> None:
+    """Record that ``generated`` was made from ``original``: the pinned form of a layer
+    (``"pin"``), the lock-only form of a layer (``"lock"``) or a container carrying its
+    parts' freeze (``"carrier"``)."""
     _ORIGINAL[generated] = original
-    if pins:
+    if kind == "pin":
         _PINNING.add(generated)
+    elif kind == "lock":
+        _LOCKING.add(generated)
 
 
 def original_class(layer: Any) -> Any:
@@ -45,22 +56,58 @@ def is_pinned(layer: Any) -> bool:
     return type(layer) in _PINNING
 
 
-def pin_state(layer: Any) -> tuple[type, Any, bool]:
+def is_lock_only(layer: Any) -> bool:
+    """True when ``layer`` is of a generated lock-only class (locked, not pinned)."""
+    return type(layer) in _LOCKING
+
+
+class PinState(NamedTuple):
+    """Everything bnfreeze may set on a layer but its ``trainable`` flag."""
+
+    cls: type
+    mode: Any
+    kept_active: bool
+    lock: bool | None  # the locked ``trainable`` value, None when not locked
+
+
+def pin_state(layer: Any) -> PinState:
     """Everything bnfreeze may set on ``layer`` but its ``trainable`` flag: its class, its
-    pinned mode and its kept-active mark (for undoing a failed freeze)."""
-    return type(layer), layer.__dict__.get(_MODE_ATTR), is_kept_active(layer)
+    pinned mode, its kept-active mark and its lock (for undoing a failed freeze)."""
+    return PinState(
+        type(layer), layer.__dict__.get(_MODE_ATTR), is_kept_active(layer), locked_value(layer)
+    )
 
 
-def restore_pin_state(layer: Any, state: tuple[type, Any, bool]) -> None:
+def restore_pin_state(layer: Any, state: PinState) -> None:
     """Put back what :func:`pin_state` returned."""
-    cls, mode, kept = state
-    if type(layer) is not cls:
-        layer.__class__ = cls
-    if mode is None:
+    if type(layer) is not state.cls:
+        layer.__class__ = state.cls
+    if state.mode is None:
         layer.__dict__.pop(_MODE_ATTR, None)
-    elif layer.__dict__.get(_MODE_ATTR) != mode:
-        set_pinned_mode(layer, mode)
-    mark_kept_active(layer, kept)
+    elif layer.__dict__.get(_MODE_ATTR) != state.mode:
+        set_pinned_mode(layer, state.mode)
+    mark_kept_active(layer, state.kept_active)
+    set_locked_value(layer, state.lock)
+
+
+def locked_value(layer: Any) -> bool | None:
+    """The ``trainable`` value ``layer`` is locked at, or ``None`` when it is not locked."""
+    value = layer.__dict__.get(_LOCK_ATTR)
+    return None if value is None else bool(value)
+
+
+def is_locked(layer: Any) -> bool:
+    """True when ``freeze(..., lock=True)`` locked ``layer``'s ``trainable`` flag."""
+    return locked_value(layer) is not None
+
+
+def set_locked_value(layer: Any, value: bool | None) -> None:
+    """Lock ``layer``'s ``trainable`` flag at ``value`` (``None``: lift the lock). Only
+    the instance attribute: the class that honours it is ``_layers``' business."""
+    if value is None:
+        layer.__dict__.pop(_LOCK_ATTR, None)
+    else:
+        object.__setattr__(layer, _LOCK_ATTR, bool(value))
 
 
 def pinned_mode(layer: Any) -> str | None:

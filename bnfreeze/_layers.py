@@ -18,6 +18,16 @@ loading a saved model after ``import bnfreeze`` rebuilds the original layer and 
 again, and so does ``keras.models.clone_model`` (through the generated class's
 ``from_config``). ``unpin`` restores the original class, so the layer's ``get_config()``
 is again exactly what it was.
+
+**Locks.** ``lock(layer, value)`` makes ``layer.trainable`` answer ``value`` whatever is
+set later, on the layer or on any model above it: Keras 3's setter recurses through each
+sublayer's ``trainable`` setter (which keeps the locked value and writes it to the
+layer's variables again), tf-keras's writes ``_trainable`` on every nested layer
+directly (so the getter answers the locked value, and ``trainable_weights`` follows it).
+Every generated pinned class honours a lock; a locked layer that is not pinned (a
+Conv2D) is switched to a generated *lock-only* subclass that changes nothing but its
+``trainable`` property and its saved form. A locked layer saves ``"locked": true`` in
+format version 2; an unlocked one still writes version 1, which older bnfreeze reads.
 """
 
 from __future__ import annotations
@@ -41,10 +51,13 @@ from bnfreeze._errors import SavedFormatError
 from bnfreeze._kinds import (
     clear_pinned_mode,
     is_batch_norm,
+    is_lock_only,
     is_pinned,
+    locked_value,
     original_class,
     pinned_mode,
     register_generated_class,
+    set_locked_value,
     set_pinned_mode,
 )
 from bnfreeze._modes import MODES, PINNED_INFERENCE, pinned_training, uses_batch_statistics
@@ -54,7 +67,13 @@ REGISTERED_NAME = "bnfreeze>Frozen"
 #: Version 1: ``{"version", "name", "trainable", "mode", "layer"}`` (bnfreeze 0.1.0 wrote
 #: the same without ``"version"``).
 FORMAT_VERSION = 1
+#: Version 2 adds ``"locked": true`` (``"mode"`` may then be ``None``: a lock-only layer);
+#: it is written only for locked layers, so files without a lock stay readable by older
+#: bnfreeze, and older bnfreeze refuses a lock clearly instead of dropping it.
+LOCK_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, LOCK_FORMAT_VERSION)
 _GENERATED: dict[type, type] = {}
+_LOCK_ONLY: dict[type, type] = {}
 
 
 def pin(layer: Any, mode: str) -> None:
@@ -66,11 +85,64 @@ def pin(layer: Any, mode: str) -> None:
 
 
 def unpin(layer: Any) -> None:
-    """Return ``layer`` to its original class (no-op when it is not pinned)."""
+    """Return ``layer`` to its original class, or to its lock-only class when it is locked
+    (no-op when it is not pinned)."""
     if not is_pinned(layer):
         return
-    layer.__class__ = original_class(layer)
+    base = original_class(layer)
+    layer.__class__ = lock_class(base) if locked_value(layer) is not None else base
     clear_pinned_mode(layer)
+
+
+def lock(layer: Any, value: bool) -> None:
+    """Lock ``layer.trainable`` at ``value`` in place (a layer that is not pinned moves to
+    its lock-only class); the layer's own flag and variables are set to ``value`` too."""
+    if not is_pinned(layer) and not is_lock_only(layer):
+        layer.__class__ = lock_class(original_class(layer))
+    set_locked_value(layer, value)
+    write_trainable(layer, value)
+
+
+def unlock(layer: Any) -> None:
+    """Lift the lock of ``layer`` (no-op when it is not locked): its ``trainable`` flag
+    keeps the locked value until something sets it, and a lock-only layer returns to its
+    original class."""
+    value = locked_value(layer)
+    if value is None:
+        return
+    set_locked_value(layer, None)
+    if is_lock_only(layer):
+        layer.__class__ = original_class(layer)
+    write_trainable(layer, value)
+
+
+def _base_trainable(base: type) -> property:
+    """The ``trainable`` property of an original class (Keras's, or a user's)."""
+    prop = getattr(base, "trainable", None)
+    if not isinstance(prop, property) or prop.fget is None or prop.fset is None:
+        raise TypeError(f"{base.__name__}.trainable is not a settable property")
+    return prop
+
+
+def write_trainable(layer: Any, value: bool) -> None:
+    """Set the layer's own ``trainable`` state through its original class's setter (past
+    a lock, and past Keras 3's short-cut that skips setting a value the getter shows)."""
+    _base_trainable(original_class(layer)).fset(layer, bool(value))  # type: ignore[misc]
+
+
+def _lock_members(base: type) -> dict[str, Any]:
+    """The ``trainable`` property of a class that honours a lock."""
+    prop = _base_trainable(base)
+
+    def get_trainable(self: Any) -> bool:
+        value = locked_value(self)
+        return bool(prop.fget(self)) if value is None else value  # type: ignore[misc]
+
+    def set_trainable(self: Any, value: Any) -> None:
+        locked = locked_value(self)
+        prop.fset(self, value if locked is None else locked)  # type: ignore[misc]
+
+    return {"trainable": property(get_trainable, set_trainable, doc=prop.__doc__)}
 
 
 #: ``on_call(layer, original_call, signature, args, kwargs) -> outputs``.
@@ -205,13 +277,17 @@ def _dispatcher(layer: Any, slot: _Slot) -> Any:
 
 
 def _frozen_get_config(self: Any) -> dict[str, Any]:
-    return {
-        "version": FORMAT_VERSION,
+    locked = locked_value(self) is not None
+    config = {
+        "version": LOCK_FORMAT_VERSION if locked else FORMAT_VERSION,
         "name": self.name,
         "trainable": self.trainable,
-        "mode": _mode(self),
+        "mode": pinned_mode(self),
         "layer": serialize_as_original(self),
     }
+    if locked:
+        config["locked"] = True
+    return config
 
 
 def serialize_as_original(obj: Any) -> dict[str, Any]:
@@ -369,10 +445,35 @@ def pinned_class(base: type) -> type:
         members.update(_bn_members(base))
     else:
         members.update(_inference_members(base))
+    members.update(_lock_members(base))
     cls = generated_subclass(base, members)
     register_serialized_name(cls, REGISTERED_NAME)
-    register_generated_class(cls, base, pins=True)
+    register_generated_class(cls, base, kind="pin")
     _GENERATED[base] = cls
+    return cls
+
+
+def lock_class(base: type) -> type:
+    """The generated lock-only subclass of ``base`` (made once, then cached): ``base``
+    with a ``trainable`` that honours a lock and the saved form of a pinned layer (with
+    ``"mode": None``); its ``call`` is ``base``'s own.
+
+    Raises what Python raises when ``base`` cannot be subclassed (see `pinned_class`).
+    """
+    cls = _LOCK_ONLY.get(base)
+    if cls is not None:
+        return cls
+    members: dict[str, Any] = {
+        "get_config": _frozen_get_config,
+        "from_config": classmethod(_frozen_from_config),
+        "__module__": __name__,
+        "__doc__": f"{base.__name__} locked by bnfreeze (see bnfreeze.freeze).",
+        **_lock_members(base),
+    }
+    cls = generated_subclass(base, members)
+    register_serialized_name(cls, REGISTERED_NAME)
+    register_generated_class(cls, base, kind="lock")
+    _LOCK_ONLY[base] = cls
     return cls
 
 
@@ -395,12 +496,12 @@ def check_saved_form(
 ) -> None:
     """Raise :class:`SavedFormatError` for a saved bnfreeze entry of another format version."""
     version = config.get("version", 1)  # bnfreeze 0.1.0 wrote version 1 without the key
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise SavedFormatError(
             f"Cannot load {noun} {config.get('name')!r}: it was saved by a bnfreeze that "
             f"writes {forms} in format version {version!r}, and this bnfreeze "
-            f"reads format version {FORMAT_VERSION}. Install the bnfreeze version that "
-            "saved the model (or a newer one) to load it."
+            f"reads format versions {FORMAT_VERSION} and {LOCK_FORMAT_VERSION}. Install the "
+            "bnfreeze version that saved the model (or a newer one) to load it."
         )
 
 
@@ -411,16 +512,23 @@ def _pinned_as_saved(layer: Any, config: dict[str, Any]) -> Any:
             f"({config['layer'].get('class_name')!r}) as a {type(layer).__name__}, not as a "
             "layer, so bnfreeze cannot pin it again."
         )
-    check_saved_mode(layer, config["mode"])
-    pin(layer, config["mode"])
+    locked = config.get("locked", False) is True
+    check_saved_mode(layer, config["mode"], locked=locked)
+    if config["mode"] is not None:
+        pin(layer, config["mode"])
     # Some layers' own config leaves `trainable` out (Keras 3 SpatialDropout, Pipeline).
     if "trainable" in config and bool(layer.trainable) != bool(config["trainable"]):
         layer.trainable = bool(config["trainable"])
+    if locked:
+        lock(layer, bool(config.get("trainable", layer.trainable)))
     return layer
 
 
-def check_saved_mode(layer: Any, mode: Any) -> None:
-    """Raise :class:`SavedFormatError` unless ``mode`` is one ``layer`` can be pinned in."""
+def check_saved_mode(layer: Any, mode: Any, *, locked: bool = False) -> None:
+    """Raise :class:`SavedFormatError` unless ``mode`` is one ``layer`` can be pinned in
+    (``None``, for a layer locked and not pinned, only when ``locked``)."""
+    if mode is None and locked:
+        return
     if is_batch_norm(layer):
         if mode not in MODES:
             raise SavedFormatError(f"Unknown bn_mode {mode!r} in a saved bnfreeze layer config.")

@@ -122,6 +122,8 @@ class LayerRecord:
         evaluate: Its `Behaviour` in ``evaluate``.
         predict: Its `Behaviour` in ``predict``.
         recorded_training: The ``training=`` recorded for it in the graph (``None``: none).
+        locked: Its ``trainable`` flag is locked by ``freeze(..., lock=True)`` (shown as
+            ``no (locked)`` in the text).
 
     Examples:
         >>> import keras, bnfreeze
@@ -141,6 +143,7 @@ class LayerRecord:
     evaluate: Behaviour
     predict: Behaviour
     recorded_training: bool | None = None
+    locked: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-serialisable dict (the layer by its name)."""
@@ -154,6 +157,7 @@ class LayerRecord:
             "evaluate": self.evaluate.to_dict(),
             "predict": self.predict.to_dict(),
             "recorded_training": self.recorded_training,
+            "locked": self.locked,
         }
 
 
@@ -444,7 +448,7 @@ def _cells(label: str, record: LayerRecord) -> list[str]:
     return [
         label,
         record.class_name,
-        "yes" if record.trainable else "no",
+        ("yes" if record.trainable else "no") + (" (locked)" if record.locked else ""),
         record.bn_mode or "-",
         str(record.fit),
         str(record.evaluate),

@@ -592,6 +592,7 @@ def test_report_renders_rows_and_findings_as_text_html_and_json(columns_100: Non
                 "evaluate": {**phase, "training": False},
                 "predict": {**phase, "training": False},
                 "recorded_training": None,
+                "locked": False,
             }
         ],
         "findings": [

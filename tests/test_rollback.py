@@ -107,6 +107,12 @@ def _frozen_guide_model() -> Any:
     return model
 
 
+def _locked_guide_model() -> Any:
+    model = _guide_model()
+    bnfreeze.freeze(model, ["base/dense", "base/bn"], bn_mode="affine", lock=True)
+    return model
+
+
 def _subclassed_model() -> Any:
     model = h.subclassed()
     h.set_far_statistics(model)
@@ -127,6 +133,12 @@ ACTIONS: dict[str, tuple[Callable[[], Any], Callable[[Any], Any], str]] = {
         "unfreeze",
     ),
     "freeze_subclassed": (_subclassed_model, lambda m: bnfreeze.freeze(m), "freeze"),
+    "freeze_base_locked": (
+        _guide_model,
+        lambda m: bnfreeze.freeze(m, "base", lock=True),
+        "freeze",
+    ),
+    "unfreeze_locked": (_locked_guide_model, lambda m: bnfreeze.unfreeze(m), "unfreeze"),
 }
 
 

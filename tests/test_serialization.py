@@ -425,18 +425,18 @@ def test_saved_forms_of_another_version_are_refused() -> None:
     from bnfreeze._layers import Frozen
 
     with pytest.raises(bnfreeze.SavedFormatError) as info:
-        Frozen.from_config({"version": 2, "name": "bn", "mode": "inference", "layer": {}})
+        Frozen.from_config({"version": 3, "name": "bn", "mode": "inference", "layer": {}})
     assert str(info.value) == (
         "Cannot load layer 'bn': it was saved by a bnfreeze that writes pinned layers in "
-        "format version 2, and this bnfreeze reads format version 1. Install the bnfreeze "
-        "version that saved the model (or a newer one) to load it."
+        "format version 3, and this bnfreeze reads format versions 1 and 2. Install the "
+        "bnfreeze version that saved the model (or a newer one) to load it."
     )
     with pytest.raises(bnfreeze.SavedFormatError) as info:
-        FrozenContainer.from_config({"version": 2, "name": "m", "container": {}, "layers": []})
+        FrozenContainer.from_config({"version": 3, "name": "m", "container": {}, "layers": []})
     assert str(info.value) == (
         "Cannot load container 'm': it was saved by a bnfreeze that writes frozen containers "
-        "in format version 2, and this bnfreeze reads format version 1. Install the bnfreeze "
-        "version that saved the model (or a newer one) to load it."
+        "in format version 3, and this bnfreeze reads format versions 1 and 2. Install the "
+        "bnfreeze version that saved the model (or a newer one) to load it."
     )
 
 
