@@ -129,6 +129,7 @@ BACKEND_TESTS = [
     "tests/test_callbacks_engines.py",
     "tests/test_callbacks_precise_bn.py",
     "tests/test_lr_multipliers.py",
+    "tests/test_lock.py",
 ]
 
 
