@@ -117,7 +117,8 @@ def build_report(
             )
         )
     findings = all_findings(Context(model, nodes, records, obs, batch_size or _static_batch(spec)))
-    return AuditReport(model.name, flavour_label(), records, findings)
+    locked = [n.path for n in nodes if is_locked(n.layer)]
+    return AuditReport(model.name, flavour_label(), records, findings, locked)
 
 
 def _check_batch_size(batch_size: Any) -> None:

@@ -214,6 +214,8 @@ class AuditReport:
         flavour: The Keras that was observed (``"keras 3.15.1"``).
         rows: One `LayerRecord` per learning-phase-dependent layer, in walk order.
         findings: The `Finding` list (empty when nothing is wrong).
+        locked: The path of every layer locked by ``freeze(..., lock=True)``, in walk
+            order (weight layers too, which have no row).
 
     Examples:
         >>> import keras, bnfreeze
@@ -227,12 +229,18 @@ class AuditReport:
     """
 
     def __init__(
-        self, model_name: str, flavour: str, rows: list[LayerRecord], findings: list[Finding]
+        self,
+        model_name: str,
+        flavour: str,
+        rows: list[LayerRecord],
+        findings: list[Finding],
+        locked: list[str] | None = None,
     ) -> None:
         self.model_name = model_name
         self.flavour = flavour
         self.rows = rows
         self.findings = findings
+        self.locked = list(locked or [])
 
     def _counts(self) -> str:
         rows = len(self.rows)
@@ -329,20 +337,21 @@ class AuditReport:
         """Plain, JSON-serialisable data with every row and finding.
 
         Returns:
-            ``{"model", "flavour", "rows", "findings"}``; rows and findings as their own
-            ``to_dict()``.
+            ``{"model", "flavour", "rows", "findings", "locked"}``; rows and findings as
+            their own ``to_dict()``, ``locked`` the paths of the locked layers.
 
         Examples:
             >>> import json, keras, bnfreeze
             >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5)])
             >>> sorted(json.loads(json.dumps(bnfreeze.audit(model).to_dict())))
-            ['findings', 'flavour', 'model', 'rows']
+            ['findings', 'flavour', 'locked', 'model', 'rows']
         """
         return {
             "model": self.model_name,
             "flavour": self.flavour,
             "rows": [r.to_dict() for r in self.rows],
             "findings": [f.to_dict() for f in self.findings],
+            "locked": list(self.locked),
         }
 
     def to_text(self, *, group: bool = True, width: int | None = None) -> str:
@@ -390,6 +399,17 @@ class AuditReport:
                     "shows every row)"
                 )
                 lines.append(_wrap(note, width, rest=" "))
+        if self.locked:
+            shown = ", ".join(self.locked[:3]) + (", ..." if len(self.locked) > 3 else "")
+            lines.append("")
+            lines.append(
+                _wrap(
+                    f"locked (freeze(..., lock=True)): {_count(len(self.locked), 'layer')} "
+                    f"({shown}; report.locked lists them)",
+                    width,
+                    rest=" ",
+                )
+            )
         lines.append("")
         if self.findings:
             lines.append("findings:")

@@ -604,6 +604,7 @@ def test_report_renders_rows_and_findings_as_text_html_and_json(columns_100: Non
                 "fix": fix,
             }
         ],
+        "locked": [],
     }
 
 

@@ -315,8 +315,12 @@ def test_audit_marks_locked_layers() -> None:
     assert record.to_dict()["locked"] is True
     line = next(x for x in report.to_text(group=False).splitlines() if x.startswith("bn "))
     assert line.split()[:5] == ["bn", "BatchNormalization", "no", "(locked)", "inference"]
+    # The conv has no row (it does not depend on the phase): the report lists it as locked.
+    assert report.locked == ["conv", "bn"] == report.to_dict()["locked"]
+    assert "locked (freeze(..., lock=True)): 2 layers (conv, bn;" in report.to_text(width=200)
     bnfreeze.unfreeze(model)
     bnfreeze.freeze(model, LOCKED)
     record = bnfreeze.audit(model).row("bn")
     assert (record.locked, record.to_dict()["locked"]) == (False, False)
     assert "(locked)" not in bnfreeze.audit(model).to_text()
+    assert bnfreeze.audit(model).locked == []
