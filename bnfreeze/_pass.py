@@ -1,0 +1,91 @@
+"""What recalibrate's pass touches, on every backend: the BN layers it runs itself, the
+state it puts back, and the statistics it writes at the end.
+
+Shared by the TensorFlow runner (`_runner`) and the trainer-loop runner of JAX and
+PyTorch (`_runner_keras`), which differ only in how they run the pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from bnfreeze._compat import to_numpy
+from bnfreeze._kinds import (
+    depends_on_phase,
+    is_batch_norm,
+    original_class,
+    overridden_phase_method,
+)
+from bnfreeze._walk import Node
+
+__all__ = ["guarded_variables", "intercepted_layers", "put_back", "written_statistics"]
+
+
+def intercepted_layers(nodes: list[Node], targets: list[Node]) -> list[Any]:
+    """Every BN layer the pass can run itself: the selected ones (``targets``) and every
+    other one whose phase methods are its class's own. All of them are intercepted, so
+    none can update its moving statistics during the pass (even one hard-coded to
+    ``training=True``)."""
+    target_ids = {id(n.layer) for n in targets}
+    return [
+        n.layer
+        for n in nodes
+        if is_batch_norm(n.layer)
+        and (id(n.layer) in target_ids or overridden_phase_method(n.layer) is None)
+    ]
+
+
+def guarded_variables(nodes: list[Node], intercepted: list[Any]) -> list[Any]:
+    """The variables a forward pass may write that the ``intercepted`` layers do not hold
+    back (see :func:`put_back`)."""
+    tracked = {id(v) for layer in intercepted for v in (layer.moving_mean, layer.moving_variance)}
+    return [v for v in _variables_a_pass_may_write(nodes) if id(v) not in tracked]
+
+
+def _variables_a_pass_may_write(nodes: list[Node]) -> list[Any]:
+    """Non-trainable variables a forward pass could move: those of custom layers and of
+    Keras layers whose call takes ``training`` (seed states of Dropout, augmentation ...).
+    Built-in Keras layers that do not depend on the phase never write in ``call``, so
+    their (possibly large, frozen) weights are not copied."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    for node in nodes:
+        if node.is_container:
+            continue
+        layer = node.layer
+        module = original_class(layer).__module__ or ""
+        if module.startswith(("keras.", "tf_keras.")) and not depends_on_phase(layer):
+            continue
+        for variable in layer.non_trainable_variables:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                found.append(variable)
+    return found
+
+
+@contextlib.contextmanager
+def put_back(variables: list[Any]) -> Iterator[None]:
+    """A block after which every one of ``variables`` holds its value of before (only
+    those that changed are assigned)."""
+    values = [to_numpy(v) for v in variables]
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, values, strict=True):
+            if not np.array_equal(to_numpy(variable), value, equal_nan=True):
+                variable.assign(value)
+
+
+def written_statistics(layer: Any, mean: Any, variance: Any) -> list[tuple[Any, Any]]:
+    """The ``(variable, value)`` pairs that give a BN layer the recalibrated ``mean`` and
+    ``variance``: its moving mean and variance, and the moving stddev batch
+    renormalization keeps."""
+    pairs = [(layer.moving_mean, mean), (layer.moving_variance, variance)]
+    stddev = getattr(layer, "moving_stddev", None) if getattr(layer, "renorm", 0) else None
+    if stddev is not None:
+        pairs.append((stddev, np.sqrt(variance + float(layer.epsilon))))
+    return pairs
