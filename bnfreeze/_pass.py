@@ -1,5 +1,5 @@
 """What recalibrate's pass touches, on every backend: the BN layers it runs itself, the
-state it puts back, and the statistics it writes at the end.
+state it puts back, the statistics it refuses (not finite) and those it writes at the end.
 
 Shared by the TensorFlow runner (`_runner`) and the trainer-loop runner of JAX and
 PyTorch (`_runner_keras`), which differ only in how they run the pass.
@@ -14,15 +14,23 @@ from typing import Any
 import numpy as np
 
 from bnfreeze._compat import to_numpy
+from bnfreeze._errors import DataError
 from bnfreeze._kinds import (
     depends_on_phase,
     is_batch_norm,
     original_class,
     overridden_phase_method,
 )
+from bnfreeze._moments import Moments
 from bnfreeze._walk import Node
 
-__all__ = ["guarded_variables", "intercepted_layers", "put_back", "written_statistics"]
+__all__ = [
+    "check_finite",
+    "guarded_variables",
+    "intercepted_layers",
+    "put_back",
+    "written_statistics",
+]
 
 
 def intercepted_layers(nodes: list[Node], targets: list[Node]) -> list[Any]:
@@ -89,3 +97,26 @@ def written_statistics(layer: Any, mean: Any, variance: Any) -> list[tuple[Any, 
     if stddev is not None:
         pairs.append((stddev, np.sqrt(variance + float(layer.epsilon))))
     return pairs
+
+
+def check_finite(
+    found: dict[int, Moments],
+    targets: list[Node],
+    dtypes: list[np.dtype[Any]],
+    updated: list[int],
+    batch: int,
+) -> None:
+    """Refuse statistics that are not finite in the variables' dtype (``dtypes``, by
+    target index), naming the first selected layer (in model order) among the ``updated``
+    ones they belong to and the batch that made them so."""
+    for index in sorted(updated):
+        node, dtype = targets[index], dtypes[index]
+        which = found[index].non_finite(dtype)
+        if which is not None:
+            raise DataError(
+                f"Layer {node.path!r} would get a non-finite moving_{which}: it became "
+                f"non-finite at batch {batch} of `data` (counting from 0), where the "
+                f"layer's inputs hold NaN or infinity, or values whose {which} overflows "
+                f"{dtype.name}. Nothing was changed. Expected finite inputs of "
+                "moderate size: check `data` for NaN and infinite values, and its scale."
+            )

@@ -30,7 +30,13 @@ from bnfreeze._kinds import is_batch_norm, pinned_mode
 from bnfreeze._layers import intercepted
 from bnfreeze._moments import Moments, Plan, Role
 from bnfreeze._moments_tf import bn_call
-from bnfreeze._pass import guarded_variables, intercepted_layers, put_back, written_statistics
+from bnfreeze._pass import (
+    check_finite,
+    guarded_variables,
+    intercepted_layers,
+    put_back,
+    written_statistics,
+)
 from bnfreeze._walk import Node
 
 __all__ = ["Runner", "runner"]
@@ -259,28 +265,13 @@ class Runner:
                     if moments is None:
                         moments = found[index] = Moments.empty(count_np.shape)
                     moments.add(count_np, np.asarray(mean), np.asarray(m2))
-            self._check_finite(found, [int(key) for key in out], batch)
+            check_finite(found, self.targets, self.dtypes, [int(key) for key in out], batch)
             seen = batch + 1
             if bar is not None:
                 bar.update(seen)
         if bar is not None and (source.read != seen or source.target() is None):
             bar.update(source.read, finalize=source.target() is None)
         return found
-
-    def _check_finite(self, found: dict[int, Moments], updated: list[int], batch: int) -> None:
-        """Refuse statistics that are not finite in the variables' dtype, naming the first
-        selected layer (in model order) they belong to and the batch that made them so."""
-        for index in sorted(updated):
-            node, dtype = self.targets[index], self.dtypes[index]
-            which = found[index].non_finite(dtype)
-            if which is not None:
-                raise DataError(
-                    f"Layer {node.path!r} would get a non-finite moving_{which}: it became "
-                    f"non-finite at batch {batch} of `data` (counting from 0), where the "
-                    f"layer's inputs hold NaN or infinity, or values whose {which} overflows "
-                    f"{dtype.name}. Nothing was changed. Expected finite inputs of "
-                    "moderate size: check `data` for NaN and infinite values, and its scale."
-                )
 
     def _dependency_levels(self, first: Any) -> list[int]:
         """Level of BN dependency of each target: 0 if no selected BN feeds it, else 1 + max."""

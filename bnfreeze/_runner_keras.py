@@ -28,7 +28,13 @@ from bnfreeze._errors import ArgumentError, DataError
 from bnfreeze._layers import intercepted
 from bnfreeze._moments import Moments, Plan, Role, channel_axes
 from bnfreeze._nodes import graph_calls, layer_graph, symbolic_inputs, symbolic_outputs
-from bnfreeze._pass import guarded_variables, intercepted_layers, put_back, written_statistics
+from bnfreeze._pass import (
+    check_finite,
+    guarded_variables,
+    intercepted_layers,
+    put_back,
+    written_statistics,
+)
 from bnfreeze._walk import Node
 
 __all__ = ["Runner", "runner"]
@@ -138,23 +144,8 @@ class Runner:
                         moments = found[index] = Moments.empty(count.shape[1:])
                     n, r = count[row], residual[row]
                     moments.add(n, shift[row] + r, m2s[row] - n * r * r)
-            self._check_finite(found, sorted(rows), batch)
+            check_finite(found, self.targets, self.dtypes, sorted(rows), batch)
         return found
-
-    def _check_finite(self, found: dict[int, Moments], updated: list[int], batch: int) -> None:
-        """Refuse statistics that are not finite in the variables' dtype (the TensorFlow
-        runner's check and message)."""
-        for index in updated:
-            node, dtype = self.targets[index], self.dtypes[index]
-            which = found[index].non_finite(dtype)
-            if which is not None:
-                raise DataError(
-                    f"Layer {node.path!r} would get a non-finite moving_{which}: it became "
-                    f"non-finite at batch {batch} of `data` (counting from 0), where the "
-                    f"layer's inputs hold NaN or infinity, or values whose {which} overflows "
-                    f"{dtype.name}. Nothing was changed. Expected finite inputs of "
-                    "moderate size: check `data` for NaN and infinite values, and its scale."
-                )
 
     def _dependency_levels(self) -> list[int]:
         """Level of BN dependency of each target from the functional graph (0: no selected
