@@ -26,32 +26,30 @@ from bnfreeze._walk import Node
 
 __all__ = [
     "check_finite",
-    "guarded_variables",
-    "intercepted_layers",
+    "intercepted_and_guarded",
     "put_back",
     "written_statistics",
 ]
 
 
-def intercepted_layers(nodes: list[Node], targets: list[Node]) -> list[Any]:
-    """Every BN layer the pass can run itself: the selected ones (``targets``) and every
-    other one whose phase methods are its class's own. All of them are intercepted, so
-    none can update its moving statistics during the pass (even one hard-coded to
-    ``training=True``)."""
+def intercepted_and_guarded(nodes: list[Node], targets: list[Node]) -> tuple[list[Any], list[Any]]:
+    """The BN layers the pass intercepts, and the variables it guards.
+
+    Intercepted: every BN layer the pass can run itself, the selected ones (``targets``)
+    and every other one whose phase methods are its class's own, so that none can update
+    its moving statistics during the pass (even one hard-coded to ``training=True``).
+    Guarded: the other variables a forward pass may write (see :func:`put_back`).
+    """
     target_ids = {id(n.layer) for n in targets}
-    return [
+    intercepted = [
         n.layer
         for n in nodes
         if is_batch_norm(n.layer)
         and (id(n.layer) in target_ids or overridden_phase_method(n.layer) is None)
     ]
-
-
-def guarded_variables(nodes: list[Node], intercepted: list[Any]) -> list[Any]:
-    """The variables a forward pass may write that the ``intercepted`` layers do not hold
-    back (see :func:`put_back`)."""
     tracked = {id(v) for layer in intercepted for v in (layer.moving_mean, layer.moving_variance)}
-    return [v for v in _variables_a_pass_may_write(nodes) if id(v) not in tracked]
+    guarded = [v for v in _variables_a_pass_may_write(nodes) if id(v) not in tracked]
+    return intercepted, guarded
 
 
 def _variables_a_pass_may_write(nodes: list[Node]) -> list[Any]:

@@ -30,13 +30,7 @@ from bnfreeze._kinds import is_batch_norm, pinned_mode
 from bnfreeze._layers import intercepted
 from bnfreeze._moments import Moments, Plan, Role
 from bnfreeze._moments_tf import bn_call
-from bnfreeze._pass import (
-    check_finite,
-    guarded_variables,
-    intercepted_layers,
-    put_back,
-    written_statistics,
-)
+from bnfreeze._pass import check_finite, intercepted_and_guarded, put_back, written_statistics
 from bnfreeze._walk import Node
 
 __all__ = ["Runner", "runner"]
@@ -108,9 +102,8 @@ class Runner:
         self.strategy = strategy
         self.plan = Plan(upstream)
         self.distributed = strategy.num_replicas_in_sync > 1 or _is_multi_worker(strategy)
-        self.intercepted_layers = intercepted_layers(nodes, targets)
+        self.intercepted_layers, self.guarded = intercepted_and_guarded(nodes, targets)
         self.index = {id(n.layer): i for i, n in enumerate(targets)}
-        self.guarded = guarded_variables(nodes, self.intercepted_layers)
         self.dtypes = [_numpy_dtype(n.layer.moving_variance) for n in targets]
         self.functions: dict[tuple[Any, ...], Any] = {}
         self.levels: list[int] | None = None

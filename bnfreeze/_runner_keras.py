@@ -28,13 +28,7 @@ from bnfreeze._errors import ArgumentError, DataError
 from bnfreeze._layers import intercepted
 from bnfreeze._moments import Moments, Plan, Role, channel_axes
 from bnfreeze._nodes import graph_calls, layer_graph, symbolic_inputs, symbolic_outputs
-from bnfreeze._pass import (
-    check_finite,
-    guarded_variables,
-    intercepted_layers,
-    put_back,
-    written_statistics,
-)
+from bnfreeze._pass import check_finite, intercepted_and_guarded, put_back, written_statistics
 from bnfreeze._walk import Node
 
 __all__ = ["Runner", "runner"]
@@ -55,9 +49,8 @@ class Runner:
         self.nodes = nodes
         self.targets = targets
         self.plan = Plan(upstream)
-        self.intercepted_layers = intercepted_layers(nodes, targets)
+        self.intercepted_layers, self.guarded = intercepted_and_guarded(nodes, targets)
         self.index = {id(n.layer): i for i, n in enumerate(targets)}
-        self.guarded = guarded_variables(nodes, self.intercepted_layers)
         self.dtypes = [np.dtype(n.layer.moving_variance.dtype) for n in targets]
         self.levels: list[int] | None = None
         self.called_twice = False
