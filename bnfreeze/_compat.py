@@ -1,5 +1,6 @@
 """Which Keras is this: the only module that imports a Keras flavour by name (the
-functional graph's internals, which differ the same way, are read in `_nodes`).
+functional graph's internals, which differ the same way, are read in `_nodes`; what
+differs between Keras 3's backends is `_backend`'s, re-exported here).
 
 bnfreeze follows the same rule as TensorFlow's own ``tf.keras``: with the environment
 variable ``TF_USE_LEGACY_KERAS=1`` set before import, it works on tf-keras (Keras 2);
@@ -12,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 from typing import Any
-
-from bnfreeze._errors import BackendError
 
 _LEGACY_ENV = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower()
 IS_TF_KERAS: bool = _LEGACY_ENV in ("1", "true", "yes")
@@ -35,6 +34,24 @@ else:
 
     _BNBase = keras.layers.BatchNormalization
     _CUSTOM_NAMES = _registration.GLOBAL_CUSTOM_NAMES
+
+# `_backend` takes `keras` and `IS_TF_KERAS` from this module: imported once they exist.
+from bnfreeze._backend import (  # noqa: E402
+    backend_name,
+    current_stateless_scope,
+    flatten,
+    is_tensorflow_backend,
+    map_structure,
+    pack_sequence_as,
+    require_tensorflow_backend,
+    same_structure,
+    stateless_scope,
+    strategy_of,
+    symbolic_pass,
+    symbolic_spec,
+    to_numpy,
+    torch_parallel_optimizer,
+)
 
 __all__ = [
     "BN_BASE",
@@ -83,6 +100,7 @@ __all__ = [
     "strategy_of",
     "tf_variable",
     "to_numpy",
+    "torch_parallel_optimizer",
     "trainer_forward",
     "training_matters_only_for_float8",
     "untrack_optimizer_variable",
@@ -122,127 +140,6 @@ def training_matters_only_for_float8(layer: Any) -> bool:
     if IS_TF_KERAS or not isinstance(layer, FLOAT8_TRAINING_ONLY):
         return False
     return getattr(layer, "quantization_mode", None) != "float8"
-
-
-def backend_name() -> str:
-    """The Keras backend in use (``"tensorflow"`` for tf-keras)."""
-    if IS_TF_KERAS:
-        return "tensorflow"
-    return str(keras.backend.backend())
-
-
-def is_tensorflow_backend() -> bool:
-    """Whether Keras runs on TensorFlow (tf-keras always does)."""
-    return backend_name() == "tensorflow"
-
-
-# --- nested structures: tf.nest where TensorFlow is the backend, keras.tree elsewhere ------
-
-
-def flatten(structure: Any) -> list[Any]:
-    """The leaves of a nested structure (dicts by sorted key), as ``tf.nest.flatten``."""
-    if is_tensorflow_backend():
-        import tensorflow as tf
-
-        return list(tf.nest.flatten(structure))
-    return list(keras.tree.flatten(structure))
-
-
-def map_structure(function: Any, *structures: Any) -> Any:
-    """``function`` applied to every leaf, as ``tf.nest.map_structure``."""
-    if is_tensorflow_backend():
-        import tensorflow as tf
-
-        return tf.nest.map_structure(function, *structures)
-    return keras.tree.map_structure(function, *structures)
-
-
-def pack_sequence_as(structure: Any, leaves: list[Any]) -> Any:
-    """``leaves`` in the nesting of ``structure``, as ``tf.nest.pack_sequence_as``."""
-    if is_tensorflow_backend():
-        import tensorflow as tf
-
-        return tf.nest.pack_sequence_as(structure, leaves)
-    return keras.tree.pack_sequence_as(structure, leaves)
-
-
-def same_structure(a: Any, b: Any) -> bool:
-    """Whether ``a`` and ``b`` nest alike, container types included."""
-    try:
-        if is_tensorflow_backend():
-            import tensorflow as tf
-
-            tf.nest.assert_same_structure(a, b, check_types=True)
-        else:
-            keras.tree.assert_same_structure(a, b)  # container types: checked below
-            if type(a) is not type(b):
-                return False
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def symbolic_spec(shape: tuple[Any, ...], dtype: Any) -> Any:
-    """The spec of a tensor of ``shape`` and ``dtype`` (``None``: any size): a
-    ``tf.TensorSpec`` where TensorFlow is the backend, a ``keras.KerasTensor`` elsewhere."""
-    if is_tensorflow_backend():
-        import tensorflow as tf
-
-        return tf.TensorSpec(shape, dtype)
-    return keras.KerasTensor(shape, dtype=dtype)
-
-
-# --- Keras 3's symbolic pass (private API: tests/test_backend_compat.py guards it) ---------
-
-
-def symbolic_pass(function: Any, spec: Any) -> Any:
-    """Run ``function(inputs)`` the way Keras computes output specs, nothing executed.
-
-    Keras 3's ``backend.compute_output_spec`` turns the ``KerasTensor`` leaves of ``spec``
-    into the backend's placeholders (a TensorFlow ``FuncGraph``, JAX abstract values,
-    torch tensors on the ``meta`` device) and calls ``function`` inside a
-    ``StatelessScope``: every ``variable.assign`` it makes is recorded in that scope (read
-    it with :func:`current_stateless_scope` while the pass runs) and no variable changes.
-    The backend may run ``function`` more than once (torch retries with other sizes for
-    ``None`` dimensions, and on real tensors when the meta device fails). Returns its
-    output specs.
-    """
-    from keras.src import backend as _backend
-
-    return _backend.compute_output_spec(function, spec)
-
-
-def current_stateless_scope() -> Any:
-    """The innermost active ``StatelessScope`` (``None``: none)."""
-    from keras.src.backend.common.stateless_scope import get_stateless_scope
-
-    return get_stateless_scope()
-
-
-def torch_parallel_optimizer() -> Any:
-    """Keras's base class of the PyTorch optimizers that update every variable in one
-    ``torch._foreach_*`` call (``None`` on other backends)."""
-    if backend_name() != "torch":
-        return None
-    from keras.src.backend.torch.optimizers.torch_parallel_optimizer import (
-        TorchParallelOptimizer,
-    )
-
-    return TorchParallelOptimizer
-
-
-def require_tensorflow_backend(function: str) -> None:
-    """Raise :class:`BackendError` unless Keras runs on TensorFlow (what ``function`` needs:
-    graph tracing, ``tf.function`` or ``tf.distribute``)."""
-    backend = backend_name()
-    if backend == "tensorflow":
-        return
-    raise BackendError(
-        f"`{function}` needs Keras's TensorFlow backend (it traces the model with "
-        f"TensorFlow). Received: Keras running on the {backend!r} backend. Set "
-        "KERAS_BACKEND=tensorflow before importing Keras; freeze and unfreeze work on "
-        "every backend."
-    )
 
 
 def flavour_label() -> str:
@@ -329,17 +226,6 @@ def learning_phase_default() -> Any:
     if IS_TF_KERAS:
         return keras.backend.learning_phase()
     return False
-
-
-def to_numpy(value: Any) -> Any:
-    """A variable, tensor or array of any flavour as a numpy array of its own (a copy)."""
-    import numpy as np
-
-    detach = getattr(value, "detach", None)  # a torch tensor that requires grad
-    if callable(detach) and not hasattr(value, "assign"):
-        value = detach()
-    numpy = getattr(value, "numpy", None)
-    return np.array(numpy() if callable(numpy) else value)
 
 
 # --- how fit, evaluate and predict call a model, and what they use ---------------------------
@@ -447,34 +333,6 @@ def forward_state_variables(model: Any) -> list[Any]:
     return found
 
 
-def strategy_of(model: Any) -> Any:
-    """The ``tf.distribute`` strategy ``fit`` runs ``model`` under (the default one if none).
-
-    A model created in ``strategy.scope()`` keeps its strategy; otherwise the strategy
-    whose scope is active now. On JAX and PyTorch, where ``tf.distribute`` does not
-    apply, one replica (``keras.distribution`` shards a batch inside one program, and BN
-    sees the global batch there: KERAS_FACTS fact 20).
-    """
-    if not is_tensorflow_backend():
-        return _ONE_REPLICA
-    import tensorflow as tf
-
-    strategy = getattr(model, "distribute_strategy", None)
-    return strategy if strategy is not None else tf.distribute.get_strategy()
-
-
-class _OneReplica:
-    """What bnfreeze reads of a strategy, where there is none (JAX, PyTorch)."""
-
-    num_replicas_in_sync = 1
-
-    def scope(self) -> Any:
-        return contextlib.nullcontext()
-
-
-_ONE_REPLICA = _OneReplica()
-
-
 def tf_variable(variable: Any) -> Any:
     """The TensorFlow variable behind a Keras variable (Keras 3 wraps one; tf-keras is one)."""
     if IS_TF_KERAS:
@@ -552,19 +410,6 @@ def bn_branch_decided_upfront(layer: Any, cls: Any) -> bool:
         and not getattr(layer, "renorm", False)
         and not getattr(layer, "synchronized", False)
     )
-
-
-def stateless_scope(read: Any = ()) -> Any:
-    """Keras 3: a ``keras.StatelessScope`` -- every ``variable.assign`` inside it (moving
-    statistics, seed generators, metrics) is recorded in the scope instead of applied, and
-    the losses layers add (activity regularizers) are collected as ``fit`` sees them.
-    Keras's weight regularizers read their variable from the scope, so the variables in
-    ``read`` are entered with their current values. tf-keras has none: ``None`` (the
-    caller snapshots and restores instead).
-    """
-    if IS_TF_KERAS:
-        return None
-    return keras.StatelessScope(state_mapping=[(v, v) for v in read], collect_losses=True)
 
 
 def has_compiled_loss(model: Any) -> bool:

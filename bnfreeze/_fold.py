@@ -8,13 +8,13 @@ that nothing else uses, ``s`` scales that layer's kernel along its output channe
 joins its bias, and the BN disappears. When instead the BN's output goes to a Dense alone
 (``pool -> BN -> Dense`` heads), ``Dense(x * s + t) = x @ (s[:, None] * W) + (t @ W + b)``.
 
-plan (which BN folds into which layer, and why every other BN stays) -> rebuild each
-functional graph of the model with new layers re-created from their config, raw
-operations (``x * 2``, ``keras.ops.pad``, a mask's ``NotEqual``) as they are -> give the
-new layers their whole state (every variable, lookup table and asset, through the
-layers' own ``save_own_variables``/``save_assets``, as ``.keras`` files do; the absorbing
-layers' kernels computed in float64) -> the report (``_fold_report``). The input model is
-only read.
+The plan (which BN folds into which layer, and why every other BN stays) is
+`_fold_plan`'s. Here: rebuild each functional graph of the model with new layers
+re-created from their config, raw operations (``x * 2``, ``keras.ops.pad``, a mask's
+``NotEqual``) as they are -> give the new layers their whole state (every variable,
+lookup table and asset, through the layers' own ``save_own_variables``/``save_assets``,
+as ``.keras`` files do; the absorbing layers' kernels computed in float64) -> the report
+(``_fold_report``). The input model is only read.
 """
 
 from __future__ import annotations
@@ -23,17 +23,26 @@ import copy
 import os
 import re
 import tempfile
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 import numpy as np
 
-from bnfreeze._compat import IS_TF_KERAS, Model, keras, recreating_live_layers, to_numpy
+from bnfreeze._compat import keras, recreating_live_layers, to_numpy
 from bnfreeze._errors import ArgumentTypeError, ModelError
-from bnfreeze._fold_report import FoldedLayer, FoldReport, KeptLayer, Reason
-from bnfreeze._kinds import is_batch_norm, original_class, overridden_phase_method
-from bnfreeze._nodes import graph_calls, layer_graph, symbolic_inputs, symbolic_outputs
+from bnfreeze._fold_plan import (
+    LAYOUTS,
+    Fold,
+    Plan,
+    described,
+    is_layer,
+    nest_flatten,
+    nest_map,
+    own_config,
+    plan_folds,
+)
+from bnfreeze._fold_report import FoldedLayer, FoldReport, KeptLayer
+from bnfreeze._kinds import is_batch_norm, original_class
+from bnfreeze._nodes import layer_graph, symbolic_inputs, symbolic_outputs
 from bnfreeze._walk import check_model, walk
 
 
@@ -43,333 +52,6 @@ def _reason(error: BaseException) -> str:
     names that differ between runs)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split("Arguments received by")[0]
     return f"{type(error).__name__}: {' '.join(text.split())}"
-
-
-def _flatten(structure: Any) -> list[Any]:
-    if IS_TF_KERAS:
-        import tensorflow as tf
-
-        return list(tf.nest.flatten(structure))
-    return list(keras.tree.flatten(structure))
-
-
-def _map(function: Any, structure: Any) -> Any:
-    if IS_TF_KERAS:
-        import tensorflow as tf
-
-        return tf.nest.map_structure(function, structure)
-    return keras.tree.map_structure(function, structure)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a foldable layer keeps its output channels.
-
-    Its weights are its kernels, then its bias (when it has one), in every flavour.
-    """
-
-    kernels: tuple[str, ...]  # the config keys of the kernels' initializers, in order
-    scaled: int  # the kernel whose output channels the BN's scale multiplies
-    channels: Literal["last", "second_last", "depthwise"]  # that kernel's channel axes
-
-
-_DENSE = _Layout(("kernel_initializer",), 0, "last")
-_TRANSPOSED = _Layout(("kernel_initializer",), 0, "second_last")
-_DEPTHWISE = _Layout(("depthwise_initializer",), 0, "depthwise")
-_SEPARABLE = _Layout(("depthwise_initializer", "pointwise_initializer"), 1, "last")
-_LAYOUT_BY_NAME = {
-    "Dense": _DENSE,
-    "Conv1D": _DENSE,
-    "Conv2D": _DENSE,
-    "Conv3D": _DENSE,
-    "Conv1DTranspose": _TRANSPOSED,
-    "Conv2DTranspose": _TRANSPOSED,
-    "Conv3DTranspose": _TRANSPOSED,
-    "DepthwiseConv1D": _DEPTHWISE,
-    "DepthwiseConv2D": _DEPTHWISE,
-    "SeparableConv1D": _SEPARABLE,
-    "SeparableConv2D": _SEPARABLE,
-}
-#: The layer classes a BN can be folded into (exactly these classes, not subclasses).
-LAYOUTS: dict[type, _Layout] = {
-    getattr(keras.layers, name): layout
-    for name, layout in _LAYOUT_BY_NAME.items()
-    if hasattr(keras.layers, name)
-}
-
-#: Why a BN did not fold into the layer before it, for which the Dense after it is tried.
-_PRODUCER_REASONS = frozenset(
-    {
-        "not-after-foldable-layer",
-        "nonlinear-activation",
-        "output-used-elsewhere",
-        "shared-layer",
-        "input-of-model",
-        "axis-mismatch",
-        "unsupported-layer",
-    }
-)
-
-
-@dataclass(frozen=True, eq=False)
-class _Call:
-    """One call of a layer (or, in Keras 3, a raw operation) in a functional graph."""
-
-    layer: Any
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    inputs: list[Any]
-    outputs: list[Any]
-
-
-@dataclass(frozen=True, eq=False)
-class _Graph:
-    model: Any
-    graph: Any
-    calls: list[_Call]
-
-
-@dataclass(frozen=True, eq=False)
-class _Fold:
-    """A BN folded into ``layer``.
-
-    ``after=False``: ``layer(x) * scale + shift`` per output channel (the BN follows it);
-    ``after=True``: ``layer(x * scale + shift)`` per input feature (a Dense after the BN).
-    ``rename``: the BN's output is an output of the folded model (not of a nested one),
-    so ``layer`` takes the BN's name and the model's output names stay.
-    """
-
-    bn: Any
-    layer: Any
-    layout: _Layout
-    scale: Any
-    shift: Any
-    after: bool = False
-    rename: str | None = None
-
-
-@dataclass
-class _Plan:
-    graphs: dict[int, _Graph]  # by id(model), every model whose graph is rewritten
-    folds: dict[int, _Fold]  # by id(bn)
-    absorbing: dict[int, list[_Fold]] = field(default_factory=dict)  # by id(layer)
-    kept: dict[int, tuple[Reason, str]] = field(default_factory=dict)  # by id(bn)
-
-
-# --- the plan ----------------------------------------------------------------------------
-
-
-def _is_layer(obj: Any) -> bool:
-    """A Keras layer, not a raw Keras 3 operation (``Multiply``, ``Pad``, ``NotEqual``)."""
-    return isinstance(obj, keras.layers.Layer)
-
-
-def _graphs(model: Any) -> dict[int, _Graph]:
-    found: dict[int, _Graph] = {}
-
-    def visit(container: Any) -> None:
-        graph = layer_graph(container)
-        calls = [_Call(*call) for call in graph_calls(graph)]
-        found[id(container)] = _Graph(container, graph, calls)
-        for call in calls:
-            inner = call.layer
-            if isinstance(inner, Model) and id(inner) not in found and layer_graph(inner):
-                visit(inner)
-
-    visit(model)
-    return found
-
-
-def _config(layer: Any) -> dict[str, Any]:
-    """The layer's config as its own (unpinned) class writes it."""
-    config: dict[str, Any] = original_class(layer).get_config(layer)
-    return config
-
-
-def _described(layer: Any, paths: dict[int, str]) -> str:
-    return f"{paths.get(id(layer), layer.name)!r} ({original_class(layer).__name__})"
-
-
-def _affine(bn: Any) -> tuple[Any, Any]:
-    """The BN's inference map ``x * scale + shift`` per channel, in float64."""
-    mean = to_numpy(bn.moving_mean).astype(np.float64)
-    variance = to_numpy(bn.moving_variance).astype(np.float64)
-    gamma = to_numpy(bn.gamma).astype(np.float64) if bn.scale else np.ones_like(mean)
-    beta = to_numpy(bn.beta).astype(np.float64) if bn.center else np.zeros_like(mean)
-    with np.errstate(all="ignore"):
-        scale = gamma / np.sqrt(variance + float(bn.epsilon))
-        return scale, beta - mean * scale
-
-
-def _out_channels(shape: tuple[int, ...], channels: str) -> int:
-    if channels == "last":
-        return shape[-1]
-    if channels == "second_last":
-        return shape[-2]
-    return shape[-2] * shape[-1]
-
-
-def _normalised_axes(bn: Any, rank: int) -> list[int]:
-    axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
-    return sorted(int(a) % rank for a in axes)
-
-
-def _plain(layer: Any, layout: _Layout, config: dict[str, Any]) -> bool:
-    """Not quantized, not LoRA-enabled, and exactly its kernels and bias as weights."""
-    options = [o for o in ("quantization_mode", "lora_enabled") if getattr(layer, o, None)]
-    expected = len(layout.kernels) + int(bool(config.get("use_bias")))
-    return not options and len(layer.weights) == expected
-
-
-@dataclass(frozen=True, eq=False)
-class _Context:
-    """What deciding a BN needs to know about its graph."""
-
-    graph: _Graph
-    producers: dict[int, _Call]  # by id(tensor)
-    consumers: dict[int, list[_Call]]  # by id(tensor)
-    uses: Counter[int]  # by id(tensor): consuming calls plus model outputs
-    outputs: set[int]  # ids of the graph's output tensors
-    calls_of: Counter[int]  # by id(layer), across every graph
-    paths: dict[int, str]
-    root: Any  # the model being folded (its output names are kept)
-
-
-def _own_reason(call: _Call, context: _Context) -> tuple[Reason, str] | None:
-    """Why the BN of ``call`` cannot fold anywhere, whatever surrounds it."""
-    bn = call.layer
-    method = overridden_phase_method(bn)
-    if method is not None:
-        return "custom-batch-norm", f"a BatchNormalization subclass that overrides `{method}`"
-    if context.calls_of[id(bn)] > 1:
-        return "shared-layer", f"the BatchNormalization is called {context.calls_of[id(bn)]} times"
-    if call.kwargs.get("training") is True:
-        return "called-with-training", "its call in the graph passes training=True"
-    return None
-
-
-def _decide_before(call: _Call, context: _Context) -> _Fold | tuple[Reason, str]:
-    """Fold the BN of ``call`` into the layer before it, or say why not."""
-    bn = call.layer
-    x = call.inputs[0]  # the BN's input; a `mask=` passed with it changes nothing at inference
-    producer_call = context.producers.get(id(x))
-    if producer_call is None:
-        return "input-of-model", f"its input is an input of model {context.graph.model.name!r}"
-    producer = producer_call.layer
-    if not _is_layer(producer):
-        name = type(producer).__name__
-        return (
-            "not-after-foldable-layer",
-            f"follows the operation {name!r}, not a Dense, convolution or transposed convolution",
-        )
-    what = _described(producer, context.paths)
-    layout = None if isinstance(producer, Model) else LAYOUTS.get(original_class(producer))
-    if layout is None:
-        return (
-            "not-after-foldable-layer",
-            f"follows {what}, not a Dense, convolution or transposed convolution",
-        )
-    config = _config(producer)
-    if config.get("activation", "linear") != "linear":
-        return (
-            "nonlinear-activation",
-            f"follows {what}, whose own activation is {config['activation']!r}",
-        )
-    calls_of = context.calls_of
-    if calls_of[id(producer)] > 1:
-        return "shared-layer", f"follows {what}, which is called {calls_of[id(producer)]} times"
-    if context.uses[id(x)] > 1:
-        return "output-used-elsewhere", f"the output of {what} is also used elsewhere"
-    if not _plain(producer, layout, config):
-        return "unsupported-layer", f"follows {what}, which is quantized or has extra weights"
-    rank = len(x.shape)
-    channel_axis = 1 if config.get("data_format") == "channels_first" else rank - 1
-    normalised = _normalised_axes(bn, rank)
-    kernel_shape = tuple(producer.weights[layout.scaled].shape)
-    if normalised != [channel_axis] or tuple(bn.moving_mean.shape) != (
-        _out_channels(kernel_shape, layout.channels),
-    ):
-        return (
-            "axis-mismatch",
-            f"normalises axis {normalised} of the output of {what}, whose channel axis is "
-            f"{channel_axis}",
-        )
-    scale, shift = _affine(bn)
-    top_level_output = (
-        context.graph.model is context.root and id(call.outputs[0]) in context.outputs
-    )
-    rename = bn.name if top_level_output else None
-    return _Fold(bn, producer, layout, scale, shift, rename=rename)
-
-
-def _decide_after(call: _Call, context: _Context) -> _Fold | None:
-    """Fold the BN of ``call`` into the Dense that alone reads its output, or ``None``."""
-    bn = call.layer
-    y = call.outputs[0]
-    consumers = context.consumers.get(id(y), [])
-    if context.uses[id(y)] != 1 or len(consumers) != 1 or len(call.outputs) != 1:
-        return None
-    dense = consumers[0].layer
-    if not _is_layer(dense) or original_class(dense) is not keras.layers.Dense:
-        return None
-    if context.calls_of[id(dense)] > 1 or consumers[0].inputs != [y]:
-        return None
-    config = _config(dense)
-    if not _plain(dense, _DENSE, config):
-        return None
-    rank = len(y.shape)
-    kernel = dense.weights[0]
-    if _normalised_axes(bn, rank) != [rank - 1] or tuple(bn.moving_mean.shape) != (
-        int(kernel.shape[0]),
-    ):
-        return None
-    scale, shift = _affine(bn)
-    return _Fold(bn, dense, _DENSE, scale, shift, after=True)
-
-
-def _plan(model: Any, paths: dict[int, str]) -> _Plan:
-    graphs = _graphs(model)
-    calls_of: Counter[int] = Counter(
-        id(call.layer) for graph in graphs.values() for call in graph.calls
-    )
-    plan = _Plan(graphs, {})
-    for graph in graphs.values():
-        consumers: dict[int, list[_Call]] = {}
-        for call in graph.calls:
-            for t in {id(t): t for t in call.inputs}.values():
-                consumers.setdefault(id(t), []).append(call)
-        outputs = _flatten(symbolic_outputs(graph.graph))
-        uses = Counter(id(t) for call in graph.calls for t in call.inputs)
-        uses.update(id(t) for t in outputs)
-        context = _Context(
-            graph,
-            {id(t): call for call in graph.calls for t in call.outputs},
-            consumers,
-            uses,
-            {id(t) for t in outputs},
-            calls_of,
-            paths,
-            model,
-        )
-        for call in graph.calls:
-            if not _is_layer(call.layer) or not is_batch_norm(call.layer):
-                continue
-            decision = _own_reason(call, context) or _decide_before(call, context)
-            if isinstance(decision, tuple) and decision[0] in _PRODUCER_REASONS:
-                decision = _decide_after(call, context) or decision
-            if isinstance(decision, _Fold) and not (
-                np.all(np.isfinite(decision.scale)) and np.all(np.isfinite(decision.shift))
-            ):
-                decision = (
-                    "non-finite-scale",
-                    "gamma / sqrt(moving_variance + epsilon) or its shift is not finite",
-                )
-            if isinstance(decision, _Fold):
-                plan.folds[id(call.layer)] = decision
-                plan.absorbing.setdefault(id(decision.layer), []).append(decision)
-            else:
-                plan.kept[id(call.layer)] = decision
-    return plan
 
 
 # --- the new model -----------------------------------------------------------------------
@@ -444,7 +126,7 @@ class _StateCopier:
         old_children, new_children = _sublayers(old), _sublayers(new)
         if [original_class(c) for c in old_children] != [original_class(c) for c in new_children]:
             raise ModelError(
-                f"Cannot copy the state of layer {_described(owner, self.paths)} into the "
+                f"Cannot copy the state of layer {described(owner, self.paths)} into the "
                 f"folded model: its copy made from get_config() holds the sublayers "
                 f"{[c.name for c in new_children]}, the original "
                 f"{[c.name for c in old_children]}. Expected a layer that re-creates the "
@@ -468,7 +150,7 @@ class _Builder:
     time on ResNet50. Every other layer gets its whole state once everything is built.
     """
 
-    def __init__(self, plan: _Plan, paths: dict[int, str]) -> None:
+    def __init__(self, plan: Plan, paths: dict[int, str]) -> None:
         self.plan = plan
         self.paths = paths
         self.new: dict[int, Any] = {}
@@ -482,7 +164,7 @@ class _Builder:
             return new
         if id(old) in self.plan.graphs:
             new = self.model(old)
-        elif _is_layer(old):
+        elif is_layer(old):
             new = self.copy(old)
         else:  # a raw operation: stateless, carried over as it is (its own copy)
             new = copy.copy(old)
@@ -492,7 +174,7 @@ class _Builder:
 
     def copy(self, old: Any) -> Any:
         cls = original_class(old)
-        config = _config(old)
+        config = own_config(old)
         folds = self.plan.absorbing.get(id(old))
         weights = None
         if folds is not None:
@@ -512,7 +194,7 @@ class _Builder:
                 new = cls.from_config(config)
         except Exception as error:  # whatever a custom from_config raises
             raise ModelError(
-                f"Cannot copy layer {_described(old, self.paths)} into the folded "
+                f"Cannot copy layer {described(old, self.paths)} into the folded "
                 f"model: re-creating it from its get_config() failed "
                 f"({_reason(error)}). Expected "
                 "every layer to be re-creatable from its config, as saving a model "
@@ -534,7 +216,7 @@ class _Builder:
 
         inputs = symbolic_inputs(graph.graph)
         input_layers = []
-        for t in _flatten(inputs):
+        for t in nest_flatten(inputs):
             source = t._keras_history[0]
             input_layer = type(source).from_config(source.get_config())
             input_layers.append(input_layer)
@@ -548,9 +230,9 @@ class _Builder:
             layer = self.layer(call.layer)
             layers.append(layer)
             if not sequential:
-                args, kwargs = _map(new_tensor, (call.args, call.kwargs))
+                args, kwargs = nest_map(new_tensor, (call.args, call.kwargs))
                 try:
-                    outputs = _flatten(layer(*args, **kwargs))
+                    outputs = nest_flatten(layer(*args, **kwargs))
                 except Exception as error:
                     raise ModelError(
                         f"Cannot call {self._what(call.layer)} in the folded model "
@@ -563,15 +245,15 @@ class _Builder:
         if sequential:
             new = keras.Sequential([*input_layers, *layers], name=old.name)
         else:
-            outputs = _map(new_tensor, symbolic_outputs(graph.graph))
-            new = keras.Model(_map(new_tensor, inputs), outputs, name=old.name)
+            outputs = nest_map(new_tensor, symbolic_outputs(graph.graph))
+            new = keras.Model(nest_map(new_tensor, inputs), outputs, name=old.name)
         if not old.trainable:
             new.trainable = False
         return new
 
     def _what(self, layer: Any) -> str:
-        if _is_layer(layer):
-            return f"layer {_described(layer, self.paths)}"
+        if is_layer(layer):
+            return f"layer {described(layer, self.paths)}"
         return f"the operation {type(layer).__name__!r}"
 
     def give_state(self) -> None:
@@ -586,7 +268,7 @@ class _Builder:
                     raise
                 except Exception as error:
                     raise ModelError(
-                        f"Cannot copy the state of layer {_described(old, self.paths)} "
+                        f"Cannot copy the state of layer {described(old, self.paths)} "
                         f"into the folded model ({_reason(error)}). Expected a layer whose copy "
                         "made from get_config() loads what its save_own_variables and "
                         "save_assets write, as loading a saved model needs."
@@ -598,7 +280,7 @@ class _Builder:
                 setattr(new, key, keras.initializers.get(value))
 
 
-def _folded_weights(weights: list[Any], folds: list[_Fold]) -> list[Any]:
+def _folded_weights(weights: list[Any], folds: list[Fold]) -> list[Any]:
     """The absorbing layer's kernels and bias with the BNs' scales and shifts in them:
     first the BN before it (a Dense's input), then the BN after it (its output)."""
     layout = folds[0].layout
@@ -637,7 +319,7 @@ def _scaled(kernel: Any, scale: Any, channels: str) -> Any:
 # --- the report and the public function --------------------------------------------------
 
 
-def _report(model: Any, plan: _Plan, nodes: list[Any], paths: dict[int, str]) -> FoldReport:
+def _report(model: Any, plan: Plan, nodes: list[Any], paths: dict[int, str]) -> FoldReport:
     folded: list[FoldedLayer] = []
     kept: list[KeptLayer] = []
     for node in nodes:
@@ -651,7 +333,7 @@ def _report(model: Any, plan: _Plan, nodes: list[Any], paths: dict[int, str]) ->
                     node.path,
                     paths[id(layer)],
                     original_class(layer).__name__,
-                    not _config(layer).get("use_bias"),
+                    not own_config(layer).get("use_bias"),
                     after=fold.after,
                     renamed_to=fold.rename,
                 )
@@ -659,7 +341,7 @@ def _report(model: Any, plan: _Plan, nodes: list[Any], paths: dict[int, str]) ->
             continue
         reason, detail = plan.kept.get(id(node.layer)) or (
             "not-in-a-graph",
-            f"inside {_described(node.parent, paths)}, whose call is Python code, not a "
+            f"inside {described(node.parent, paths)}, whose call is Python code, not a "
             "layer graph fold can rewrite",
         )
         kept.append(KeptLayer(node.path, reason, detail))
@@ -742,7 +424,7 @@ def fold(model: Any, *, return_report: bool = False) -> Any:
     _check_foldable(model)
     nodes = walk(model)
     paths = {id(node.layer): node.path for node in nodes}
-    plan = _plan(model, paths)
+    plan = plan_folds(model, paths)
     builder = _Builder(plan, paths)
     try:
         folded = builder.model(model)

@@ -23,19 +23,14 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from bnfreeze._compat import keras, strategy_of, tf_variable, to_numpy
+from bnfreeze._compat import keras, strategy_of, tf_variable
 from bnfreeze._data import Source, batch_spec
 from bnfreeze._errors import DataError
-from bnfreeze._kinds import (
-    depends_on_phase,
-    is_batch_norm,
-    original_class,
-    overridden_phase_method,
-    pinned_mode,
-)
+from bnfreeze._kinds import is_batch_norm, pinned_mode
 from bnfreeze._layers import intercepted
 from bnfreeze._moments import Moments, Plan, Role
 from bnfreeze._moments_tf import bn_call
+from bnfreeze._pass import check_finite, intercepted_and_guarded, put_back, written_statistics
 from bnfreeze._walk import Node
 
 __all__ = ["Runner", "runner"]
@@ -107,22 +102,8 @@ class Runner:
         self.strategy = strategy
         self.plan = Plan(upstream)
         self.distributed = strategy.num_replicas_in_sync > 1 or _is_multi_worker(strategy)
-        target_ids = {id(n.layer) for n in targets}
-        # Every BN layer we can run ourselves is intercepted, so none of them can update
-        # its moving statistics during the pass (even one hard-coded to training=True).
-        self.intercepted_layers = [
-            n.layer
-            for n in nodes
-            if is_batch_norm(n.layer)
-            and (id(n.layer) in target_ids or overridden_phase_method(n.layer) is None)
-        ]
+        self.intercepted_layers, self.guarded = intercepted_and_guarded(nodes, targets)
         self.index = {id(n.layer): i for i, n in enumerate(targets)}
-        tracked = {
-            id(v)
-            for layer in self.intercepted_layers
-            for v in (layer.moving_mean, layer.moving_variance)
-        }
-        self.guarded = [v for v in _variables_a_pass_may_write(nodes) if id(v) not in tracked]
         self.dtypes = [_numpy_dtype(n.layer.moving_variance) for n in targets]
         self.functions: dict[tuple[Any, ...], Any] = {}
         self.levels: list[int] | None = None
@@ -133,12 +114,7 @@ class Runner:
         """Write every target's statistics, all in one traced call."""
         written, values = [], []
         for node, (mean, variance) in zip(self.targets, results, strict=True):
-            layer = node.layer
-            pairs = [(layer.moving_mean, mean), (layer.moving_variance, variance)]
-            stddev = getattr(layer, "moving_stddev", None) if getattr(layer, "renorm", 0) else None
-            if stddev is not None:  # batch renormalization keeps the variance as a stddev
-                pairs.append((stddev, np.sqrt(variance + float(layer.epsilon))))
-            for variable, value in pairs:
+            for variable, value in written_statistics(node.layer, mean, variance):
                 written.append(tf_variable(variable))
                 shape = tuple(variable.shape)
                 values.append(np.asarray(value, _numpy_dtype(variable)).reshape(shape))
@@ -171,7 +147,6 @@ class Runner:
     def _intercepting(self) -> Iterator[None]:
         """Every BN layer we can run ourselves goes through ``bn_call`` for the block;
         the guarded state (seed generators a forward pass may move) is put back after."""
-        values = [to_numpy(v) for v in self.guarded]
         plan = self.plan
 
         def on_call(layer: Any, _original: Any, signature: Any, args: Any, kwargs: Any) -> Any:
@@ -179,13 +154,8 @@ class Runner:
             inputs = next(iter(arguments.values()))
             return bn_call(plan, layer, inputs, arguments.get("mask"))
 
-        try:
-            with intercepted(self.intercepted_layers, on_call):
-                yield
-        finally:
-            for variable, value in zip(self.guarded, values, strict=True):
-                if not np.array_equal(to_numpy(variable), value, equal_nan=True):
-                    variable.assign(value)
+        with put_back(self.guarded), intercepted(self.intercepted_layers, on_call):
+            yield
 
     # -- the step
 
@@ -288,28 +258,13 @@ class Runner:
                     if moments is None:
                         moments = found[index] = Moments.empty(count_np.shape)
                     moments.add(count_np, np.asarray(mean), np.asarray(m2))
-            self._check_finite(found, [int(key) for key in out], batch)
+            check_finite(found, self.targets, self.dtypes, [int(key) for key in out], batch)
             seen = batch + 1
             if bar is not None:
                 bar.update(seen)
         if bar is not None and (source.read != seen or source.target() is None):
             bar.update(source.read, finalize=source.target() is None)
         return found
-
-    def _check_finite(self, found: dict[int, Moments], updated: list[int], batch: int) -> None:
-        """Refuse statistics that are not finite in the variables' dtype, naming the first
-        selected layer (in model order) they belong to and the batch that made them so."""
-        for index in sorted(updated):
-            node, dtype = self.targets[index], self.dtypes[index]
-            which = found[index].non_finite(dtype)
-            if which is not None:
-                raise DataError(
-                    f"Layer {node.path!r} would get a non-finite moving_{which}: it became "
-                    f"non-finite at batch {batch} of `data` (counting from 0), where the "
-                    f"layer's inputs hold NaN or infinity, or values whose {which} overflows "
-                    f"{dtype.name}. Nothing was changed. Expected finite inputs of "
-                    "moderate size: check `data` for NaN and infinite values, and its scale."
-                )
 
     def _dependency_levels(self, first: Any) -> list[int]:
         """Level of BN dependency of each target: 0 if no selected BN feeds it, else 1 + max."""
@@ -395,24 +350,3 @@ def _numpy_dtype(variable: Any) -> np.dtype[Any]:
 def _is_multi_worker(strategy: Any) -> bool:
     extended = getattr(strategy, "extended", None)
     return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
-
-
-def _variables_a_pass_may_write(nodes: list[Node]) -> list[Any]:
-    """Non-trainable variables a forward pass could move: those of custom layers and of
-    Keras layers whose call takes ``training`` (seed states of Dropout, augmentation ...).
-    Built-in Keras layers that do not depend on the phase never write in ``call``, so
-    their (possibly large, frozen) weights are not copied."""
-    found: list[Any] = []
-    seen: set[int] = set()
-    for node in nodes:
-        if node.is_container:
-            continue
-        layer = node.layer
-        module = original_class(layer).__module__ or ""
-        if module.startswith(("keras.", "tf_keras.")) and not depends_on_phase(layer):
-            continue
-        for variable in layer.non_trainable_variables:
-            if id(variable) not in seen:
-                seen.add(id(variable))
-                found.append(variable)
-    return found

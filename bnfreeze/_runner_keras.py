@@ -16,7 +16,6 @@ put back.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -26,15 +25,10 @@ import numpy as np
 from bnfreeze._compat import backend_name, bn_cast_dtype, flatten, keras, to_numpy
 from bnfreeze._data import Source
 from bnfreeze._errors import ArgumentError, DataError
-from bnfreeze._kinds import (
-    depends_on_phase,
-    is_batch_norm,
-    original_class,
-    overridden_phase_method,
-)
 from bnfreeze._layers import intercepted
 from bnfreeze._moments import Moments, Plan, Role, channel_axes
 from bnfreeze._nodes import graph_calls, layer_graph, symbolic_inputs, symbolic_outputs
+from bnfreeze._pass import check_finite, intercepted_and_guarded, put_back, written_statistics
 from bnfreeze._walk import Node
 
 __all__ = ["Runner", "runner"]
@@ -55,20 +49,8 @@ class Runner:
         self.nodes = nodes
         self.targets = targets
         self.plan = Plan(upstream)
-        target_ids = {id(n.layer) for n in targets}
-        self.intercepted_layers = [
-            n.layer
-            for n in nodes
-            if is_batch_norm(n.layer)
-            and (id(n.layer) in target_ids or overridden_phase_method(n.layer) is None)
-        ]
+        self.intercepted_layers, self.guarded = intercepted_and_guarded(nodes, targets)
         self.index = {id(n.layer): i for i, n in enumerate(targets)}
-        tracked = {
-            id(v)
-            for layer in self.intercepted_layers
-            for v in (layer.moving_mean, layer.moving_variance)
-        }
-        self.guarded = [v for v in _variables_a_pass_may_write(nodes) if id(v) not in tracked]
         self.dtypes = [np.dtype(n.layer.moving_variance.dtype) for n in targets]
         self.levels: list[int] | None = None
         self.called_twice = False
@@ -76,12 +58,7 @@ class Runner:
     def assign(self, results: list[tuple[np.ndarray, np.ndarray]]) -> None:
         """Write every target's statistics (all computed and checked before)."""
         for node, (mean, variance) in zip(self.targets, results, strict=True):
-            layer = node.layer
-            pairs = [(layer.moving_mean, mean), (layer.moving_variance, variance)]
-            stddev = getattr(layer, "moving_stddev", None) if getattr(layer, "renorm", 0) else None
-            if stddev is not None:
-                pairs.append((stddev, np.sqrt(variance + float(layer.epsilon))))
-            for variable, value in pairs:
+            for variable, value in written_statistics(node.layer, mean, variance):
                 shape = tuple(variable.shape)
                 variable.assign(np.asarray(value, np.dtype(variable.dtype)).reshape(shape))
 
@@ -92,23 +69,13 @@ class Runner:
             self.levels = [0] * len(self.targets) if batch else self._dependency_levels()
         count = max(self.levels) + 1
         found: dict[int, Moments] = {}
-        with self._guarding():
+        with put_back(self.guarded):
             for level in range(count):
                 collect = tuple(i for i, lv in enumerate(self.levels) if lv == level)
                 if count > 1 and verbose:
                     print(f"Pass {level + 1}/{count}")
                 found.update(self._run_pass(source, collect, dict(found), verbose))
         return found
-
-    @contextlib.contextmanager
-    def _guarding(self) -> Iterator[None]:
-        values = [to_numpy(v) for v in self.guarded]
-        try:
-            yield
-        finally:
-            for variable, value in zip(self.guarded, values, strict=True):
-                if not np.array_equal(to_numpy(variable), value, equal_nan=True):
-                    variable.assign(value)
 
     def _run_pass(
         self, source: Source, collect: tuple[int, ...], known: dict[int, Moments], verbose: int
@@ -170,23 +137,8 @@ class Runner:
                         moments = found[index] = Moments.empty(count.shape[1:])
                     n, r = count[row], residual[row]
                     moments.add(n, shift[row] + r, m2s[row] - n * r * r)
-            self._check_finite(found, sorted(rows), batch)
+            check_finite(found, self.targets, self.dtypes, sorted(rows), batch)
         return found
-
-    def _check_finite(self, found: dict[int, Moments], updated: list[int], batch: int) -> None:
-        """Refuse statistics that are not finite in the variables' dtype (the TensorFlow
-        runner's check and message)."""
-        for index in updated:
-            node, dtype = self.targets[index], self.dtypes[index]
-            which = found[index].non_finite(dtype)
-            if which is not None:
-                raise DataError(
-                    f"Layer {node.path!r} would get a non-finite moving_{which}: it became "
-                    f"non-finite at batch {batch} of `data` (counting from 0), where the "
-                    f"layer's inputs hold NaN or infinity, or values whose {which} overflows "
-                    f"{dtype.name}. Nothing was changed. Expected finite inputs of "
-                    "moderate size: check `data` for NaN and infinite values, and its scale."
-                )
 
     def _dependency_levels(self) -> list[int]:
         """Level of BN dependency of each target from the functional graph (0: no selected
@@ -333,21 +285,3 @@ def _batch_moments(x: Any, mask: Any, reduce_axes: tuple[int, ...], broadcast: l
     # adds the (small, exact) residual mean of the centred values to the shift in float64.
     residual = ops.sum(centred, axis=reduce_axes) / ops.maximum(count, 1.0)
     return count, shift, residual, ops.sum(centred * centred, axis=reduce_axes)
-
-
-def _variables_a_pass_may_write(nodes: list[Node]) -> list[Any]:
-    """Non-trainable variables a forward pass could move (as `_runner`'s, backend-neutral)."""
-    found: list[Any] = []
-    seen: set[int] = set()
-    for node in nodes:
-        if node.is_container:
-            continue
-        layer = node.layer
-        module = original_class(layer).__module__ or ""
-        if module.startswith("keras.") and not depends_on_phase(layer):
-            continue
-        for variable in layer.non_trainable_variables:
-            if id(variable) not in seen:
-                seen.add(id(variable))
-                found.append(variable)
-    return found

@@ -10,9 +10,6 @@ real ``fit`` step does is ``tests/test_audit.py``'s job (it runs on every backen
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -23,10 +20,10 @@ from bnfreeze._audit import build_report
 from bnfreeze._compat import IS_TF_KERAS, backend_name, keras
 from tests import helpers as h
 from tests import trained
+from tests.helpers_backend import run_script
 
 pytestmark = pytest.mark.skipif(IS_TF_KERAS, reason="tf-keras has no symbolic pass")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L = keras.layers
 
 
@@ -103,22 +100,11 @@ def audit_all(symbolic: bool | None = None) -> dict[str, Any]:
 
 def _tensorflow_audits() -> dict[str, Any]:
     """``audit_all()`` in a fresh interpreter on Keras's TensorFlow backend."""
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     script = (
         "import json\nfrom tests.test_backend_audit import audit_all\n"
         "print(json.dumps(audit_all()))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    found: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    found: dict[str, Any] = run_script(script, "tensorflow", timeout=900)
     return found
 
 

@@ -7,35 +7,18 @@ itself imports TensorFlow for its references); on TensorFlow there is nothing to
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from bnfreeze._compat import backend_name
+from tests.helpers_backend import run_script
 
 pytestmark = pytest.mark.skipif(
     backend_name() == "tensorflow", reason="TensorFlow is the backend: importing it is right"
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _run(script: str) -> dict[str, object]:
-    env = dict(os.environ, KERAS_BACKEND=backend_name())
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    found: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    found: dict[str, object] = run_script(script, backend_name())
     return found
 
 

@@ -9,9 +9,6 @@ interpreter (TensorFlow is installed there). Whether the figures are right is
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import numpy as np
@@ -21,8 +18,7 @@ import bnfreeze
 from bnfreeze._compat import IS_TF_KERAS, backend_name, keras
 from tests import helpers as h
 from tests import trained
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers_backend import run_script
 
 
 def comparison(bn_mode: str | None = None) -> dict[str, Any]:
@@ -63,17 +59,11 @@ def all_comparisons() -> dict[str, Any]:
 
 
 def _tensorflow_comparisons() -> dict[str, Any]:
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     script = (
         "import json\nfrom tests.test_backend_phases import all_comparisons\n"
         "print(json.dumps(all_comparisons()))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    found: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    found: dict[str, Any] = run_script(script, "tensorflow")
     return found
 
 

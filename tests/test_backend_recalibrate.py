@@ -4,11 +4,6 @@ two devices giving the single-device statistics."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -16,9 +11,9 @@ import bnfreeze
 from bnfreeze._compat import IS_TF_KERAS, backend_name, keras, to_numpy
 from tests import helpers as h
 from tests import trained
+from tests.helpers_backend import run_script
 
 L = keras.layers
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _far_data(shape: tuple[int, ...], n: int = 200, seed: int = 0) -> np.ndarray:
@@ -112,13 +107,7 @@ print(json.dumps({"devices": len(devices), "single": stats(single), "parallel": 
 def test_data_parallel_on_two_devices_gives_the_single_device_statistics():
     """Under DataParallel over two CPU devices, recalibrate gives the statistics of the
     single-device run (within 1e-6 relative)."""
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-c", DATA_PARALLEL], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = run_script(DATA_PARALLEL, "jax")
     assert found["devices"] == 2
     for name, (mean, variance) in found["single"].items():
         got_mean, got_variance = found["parallel"][name]

@@ -9,21 +9,16 @@ both (the flavour sessions do not, and skip here with the reason)."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from bnfreeze._compat import IS_TF_KERAS
+from tests.helpers_backend import run_script
 
 pytestmark = pytest.mark.skipif(
     IS_TF_KERAS, reason="tf-keras (Keras 2) runs on TensorFlow only: it has no other backend"
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Run on the chosen backend: a Dense -> BatchNormalization -> Dropout model with known
 #: moving statistics, frozen; its output in a training call against a numpy reference;
@@ -96,18 +91,8 @@ print(json.dumps(result))
 
 def run_on(backend: str) -> dict[str, Any]:
     """SCRIPT's findings with KERAS_BACKEND=backend, in a fresh interpreter."""
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    found: dict[str, Any] = run_script(SCRIPT, backend)
+    return found
 
 
 def _needs(backend: str, *modules: str) -> Any:
