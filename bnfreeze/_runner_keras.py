@@ -11,7 +11,8 @@ instead of the model's outputs, so ``predict`` (jitted on JAX, sharded under
 on the host in float64 (`_moments.Moments`). Dependency levels for
 ``upstream="recalibrated"`` come from the functional graph (`_nodes`). Nothing of the
 model changes until `Runner.assign`; state a forward pass may move (seed generators) is
-put back.
+put back. On JAX the jitted pass is kept on the model and used again by the next pass of
+the same selection and variables (`Runner._function_key`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from bnfreeze._pass import check_finite, intercepted_and_guarded, put_back, writ
 from bnfreeze._walk import Node
 
 __all__ = ["Runner", "runner"]
+
+#: On the model (past Keras's tracking): the jitted predict function of the last JAX
+#: pass, with what it was traced for, so that the next recalibrate of the same model and
+#: selection does not trace and compile its pass again.
+_FUNCTIONS_ATTR = "_bnfreeze_pass_functions"
 
 ops = keras.ops
 
@@ -109,13 +115,21 @@ class Runner:
 
         batches = _Batches(source)
         saved_function = model.__dict__.get("predict_function")
+        key = self._function_key(collect) if jax and not known else None
+        functions = model.__dict__.get(_FUNCTIONS_ATTR)
+        if key is not None and functions is None:
+            functions = {}
+            object.__setattr__(model, _FUNCTIONS_ATTR, functions)  # not tracked: no state
         object.__setattr__(model, "predict_step", step)
         try:
-            model.predict_function = None
+            model.predict_function = functions.get(key) if key is not None else None
             with intercepted(self.intercepted_layers, on_call), warnings.catch_warnings():
                 # The generator ends where the data does: that is not a mistake here.
                 warnings.filterwarnings("ignore", "Your input ran out of data")
                 outputs = model.predict(iter(batches), verbose=verbose)
+            if key is not None:
+                functions.clear()  # one pass function kept per model
+                functions[key] = model.predict_function
         finally:
             model.__dict__.pop("predict_step", None)
             model.predict_function = saved_function
@@ -139,6 +153,21 @@ class Runner:
                     moments.add(n, shift[row] + r, m2s[row] - n * r * r)
             check_finite(found, self.targets, self.dtypes, sorted(rows), batch)
         return found
+
+    def _function_key(self, collect: tuple[int, ...]) -> tuple[Any, ...]:
+        """What the jitted pass of a JAX predict function depends on beyond its inputs'
+        shapes: the selection and roles traced into it, and the variables in the order
+        the trainer passes their values (a trace maps them by position)."""
+        model = self.model
+        distribution = keras.distribution.distribution()
+        return (
+            tuple(id(n.layer) for n in self.targets),
+            self.plan.upstream,
+            collect,
+            tuple(id(v) for v in model.trainable_variables),
+            tuple(id(v) for v in model.non_trainable_variables),
+            id(distribution) if distribution is not None else None,
+        )
 
     def _dependency_levels(self) -> list[int]:
         """Level of BN dependency of each target from the functional graph (0: no selected

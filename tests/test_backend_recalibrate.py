@@ -62,6 +62,59 @@ def test_recalibrated_upstream_on_a_trained_cnn_matches_predict():
             np.testing.assert_array_equal(to_numpy(variable), old, err_msg=variable.name)
 
 
+def test_repeated_calls_follow_new_data_weights_and_trainable_sets():
+    """recalibrate again (JAX: the kept pass function) on other data, after new weights
+    and after freeze moved variables between trainable and not: each time numpy's
+    moments of what reaches the BN, as a probe model computes it."""
+    model = trained.image_model()
+    x, _ = trained.image_data(48)
+
+    def check(data: np.ndarray) -> None:
+        bnfreeze.recalibrate(model, data, batch_size=16, verbose=0)
+        probe = keras.Model(model.inputs, model.get_layer("conv1").output)
+        a = to_numpy(probe.predict(data, verbose=0)).astype("float64")
+        bn = model.get_layer("bn1")
+        np.testing.assert_allclose(
+            to_numpy(bn.moving_mean), a.mean((0, 1, 2)), rtol=2e-5, atol=2e-6
+        )
+        np.testing.assert_allclose(to_numpy(bn.moving_variance), a.var((0, 1, 2)), rtol=2e-5)
+
+    check(x)
+    check(x[:32] * 3.0 + 1.0)  # other data, same shapes
+    conv = model.get_layer("conv1")
+    conv.kernel.assign(to_numpy(conv.kernel) * -2.0)  # other weights
+    check(x)
+    bnfreeze.freeze(model, ["conv1", "bn1"])  # the trainer's variable lists change
+    check(x)
+    bnfreeze.unfreeze(model)
+    check(x[:16])
+
+
+def test_a_new_trainable_set_of_the_same_shapes_is_not_mistaken_for_the_old():
+    """d1 frozen, then d2 frozen instead: the trainer's variable lists keep their lengths
+    and shapes but hold other variables at each position; the statistics still follow
+    d2(d1(x)), not the two kernels swapped."""
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            L.Dense(4, name="d1"),
+            L.Dense(4, name="d2"),
+            L.BatchNormalization(name="bn"),
+        ]
+    )
+    trained.give_trained_state(model, seed=9)
+    x = np.random.default_rng(5).normal(size=(64, 4)).astype("float32")
+    for frozen in ("d1", "d2"):
+        bnfreeze.unfreeze(model)
+        bnfreeze.freeze(model, frozen)
+        bnfreeze.recalibrate(model, x, batch_size=16, verbose=0)
+        a = to_numpy(model.get_layer("d2")(model.get_layer("d1")(x))).astype("float64")
+        bn = model.get_layer("bn")
+        np.testing.assert_allclose(to_numpy(bn.moving_mean), a.mean(0), rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(to_numpy(bn.moving_variance), a.var(0), rtol=2e-5)
+
+
 def test_non_finite_data_changes_nothing_and_names_the_batch():
     """A NaN in the second batch raises the TensorFlow runner's DataError; nothing changes."""
     model = keras.Sequential([keras.Input((3,)), L.BatchNormalization(name="bn")])
