@@ -30,9 +30,9 @@ scales the learning rate it is given (a scalar variable per entry, so a change o
 needs no new trace). On JAX the multiplier is a constant of the traced step (a new
 value makes the train function again). PyTorch's built-in optimizers update all
 variables in one ``torch._foreach_*`` call that never reads ``update_step``: while a
-nonzero multiplier is set, their step goes through the class's per-variable path
-(``update_step`` for each variable, what the class does once per step kept), which
-scales exactly as on the other backends; without one, the parallel path is untouched.
+nonzero multiplier is set, that call runs once per multiplier value, with the learning
+rate scaled (``Nadam``, whose call advances shared state, steps variable by variable);
+without one, the parallel path is untouched.
 """
 
 from __future__ import annotations
@@ -288,14 +288,18 @@ def _patch(opt: Any, table: _Table) -> None:
             return update_step(gradient, variable)
 
     def scaled_weight_decay(variables: Sequence[Any]) -> Any:
-        groups: dict[int, tuple[Any, list[Any]]] = {}
+        if not getattr(opt, "weight_decay", None):
+            return apply_weight_decay(variables)  # no decay: nothing to scale
+        groups: dict[Any, tuple[Any, list[Any]]] = {}
         plain = []
         for variable in variables:
             scale = table.scales.get(opt._var_key(variable))
             if scale is None:
                 plain.append(variable)
             else:
-                groups.setdefault(id(scale), (scale, []))[1].append(variable)
+                # One group per scalar variable (TensorFlow) or per value (a constant).
+                key = scale if isinstance(scale, float) else id(scale)
+                groups.setdefault(key, (scale, []))[1].append(variable)
         if not groups:
             return apply_weight_decay(variables)
         if plain:
@@ -327,13 +331,27 @@ def _patch(opt: Any, table: _Table) -> None:
     sequential = _sequential_update_step(type(opt))
     if sequential is not None:
         update_all = opt._backend_update_step
+        nadam = getattr(keras.optimizers, "Nadam", None)
+        # Nadam's parallel step advances its shared ``u_product``: once per step only.
+        one_call_per_step = nadam is not None and isinstance(opt, nadam)
 
-        def per_variable_update_step(grads: Any, variables: Any, learning_rate: Any) -> Any:
+        def grouped_update_step(grads: Any, variables: Any, learning_rate: Any) -> Any:
             if not table.scales:
                 return update_all(grads, variables, learning_rate)
-            return sequential(opt, grads, variables, learning_rate)
+            if one_call_per_step:
+                return sequential(opt, grads, variables, learning_rate)
+            groups: dict[float, tuple[list[Any], list[Any]]] = {}
+            for gradient, variable in zip(grads, variables, strict=True):
+                scale = table.scales.get(opt._var_key(variable), 1.0)
+                group = groups.setdefault(scale, ([], []))
+                group[0].append(gradient)
+                group[1].append(variable)
+            for scale, (group_grads, group_variables) in groups.items():
+                rate = learning_rate if scale == 1.0 else _times(learning_rate, scale)
+                update_all(group_grads, group_variables, rate)
+            return None
 
-        object.__setattr__(opt, "_backend_update_step", per_variable_update_step)
+        object.__setattr__(opt, "_backend_update_step", grouped_update_step)
 
 
 def _sequential_update_step(cls: type) -> Any:
@@ -341,9 +359,12 @@ def _sequential_update_step(cls: type) -> Any:
     (all variables in one ``torch._foreach_*`` update, which never calls ``update_step``)
     stands in front of, or ``None`` on other backends and for optimizers without one.
 
-    The per-variable path calls ``update_step`` for each variable, where the multiplier
-    scales the learning rate; what the class does once per step before it (``Nadam``'s
-    ``u_product``) is in the class's own ``_backend_update_step``, which is kept.
+    While multipliers are set, the parallel step runs once per multiplier value over the
+    variables of that value, with the learning rate scaled (it reads each variable's
+    slots by index and the shared ``iterations``, so a subset is fine). ``Nadam``'s
+    advances its shared ``u_product`` at every call: it takes the per-variable path, which
+    calls ``update_step`` for each variable (the multiplier scales the learning rate
+    there) after the class's own once-per-step ``_backend_update_step``.
     """
     parallel = torch_parallel_optimizer()
     if parallel is None or not issubclass(cls, parallel):
