@@ -40,7 +40,10 @@ TEST_DEPS = ["numpy", "pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "pytest-t
 #: Both cores: the suite is mostly single-threaded tracing, so two workers take about
 #: half the time of one. Test files stay whole on one worker (their module fixtures
 #: are built once). ``nox -s "tests(keras-3.15)" -- tests/test_fold.py`` runs one file.
-WORKERS = ["-n", "2", "--dist", "loadfile"]
+#: Files are handed out in collection order (``--no-loadscope-reorder``; xdist's default
+#: sorts them by test count, which leaves a one-test file such as the fine-tuning docs
+#: page, the longest, to the end): tests/conftest.py collects the longest files first.
+WORKERS = ["-n", "2", "--dist", "loadfile", "--no-loadscope-reorder"]
 #: keras-hub 0.32 does not import on keras-nightly (it imports a name 3.16 moved): the
 #: 3.16-dev environment gets the keras-hub nightly of the same days.
 KERAS_HUB = {

@@ -295,15 +295,29 @@ def measure(case: str, model: Any, base: Any, x: np.ndarray, y: np.ndarray) -> R
     return Row(case, fit_loss, evaluate_loss, match, "batch" if changed else "moving")
 
 
-def run(*, quick: bool = False, seed: int = 0) -> DemoResult:
-    """Run the demo and return what it measured (see the module docstring)."""
+def pretrained_base(setting: Setting, seed: int) -> tuple[Any, Any, int]:
+    """The demo's first step: seed Keras, numpy and Python with ``seed``, build the base
+    and `pretrain` it; return the base, its classifier and the number of steps."""
+    keras.utils.set_random_seed(seed)
+    base = resnet(setting.image_size, setting.blocks, setting.width)
+    classifier, steps = pretrain(base, setting, seed)
+    return base, classifier, steps
+
+
+def run(
+    *, quick: bool = False, seed: int = 0, pretrained: tuple[Any, Any, int] | None = None
+) -> DemoResult:
+    """Run the demo and return what it measured (see the module docstring).
+
+    ``pretrained`` is what `pretrained_base` returned for the same setting and seed (or a
+    copy of it), for a caller that runs the demo more than once, such as the tests; the
+    run changes that base (it freezes it). By default the demo pretrains its own.
+    """
     import bnfreeze
 
     start = time.perf_counter()
     setting = QUICK if quick else FULL
-    keras.utils.set_random_seed(seed)
-    base = resnet(setting.image_size, setting.blocks, setting.width)
-    classifier, steps = pretrain(base, setting, seed)
+    base, classifier, steps = pretrained or pretrained_base(setting, seed)
     held_out = accuracy(classifier, *shapes(500, setting.image_size, seed=seed + 10_000))
 
     x, _ = shapes(1, setting.image_size, seed=seed + 20_000)  # one new image

@@ -67,3 +67,16 @@ def mixed_float16():
     keras.mixed_precision.set_global_policy("mixed_float16")
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+#: Test files moved to the front of the run, longest first. With ``--dist loadfile`` each
+#: file runs whole on one worker and files are handed out in collection order, so a long
+#: file collected late (the fine-tuning docs page takes as long as many files together)
+#: is what the whole run waits for at its end, one worker idle. Started first, it runs
+#: while the other worker takes the rest. Within a file the order stays the same.
+LONGEST_FIRST = ("test_doc_examples_long.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

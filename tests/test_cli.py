@@ -1,6 +1,8 @@
 """The command line, run as users run it: the installed `bnfreeze` console script in a
-subprocess, with its stdout and stderr compared exactly; usage errors and the audit's
-output through `main` in-process. The demo's pieces are tested in test_demo.py."""
+subprocess, with its stdout and stderr compared exactly; usage errors, unreadable input
+(file descriptors captured) and the audit's output through `main` in-process, with one
+console-script run per path through the process (TensorFlow's start-up logging, exit
+status). The demo's pieces are tested in test_demo.py."""
 
 from __future__ import annotations
 
@@ -279,28 +281,43 @@ EMPTY = (
         "zip-without-config",
     ],
 )
-def test_unreadable_input_is_one_line_on_a_quiet_stderr(tmp_path, make, expected):
-    """`bnfreeze audit` on input it cannot read: exit 2, nothing on stdout, and stderr is
-    exactly one line `ErrorName: message` (TensorFlow's start-up logging kept back); a
-    corrupt or empty file is called corrupt, not "File not found" as Keras says."""
+def test_unreadable_input_is_one_line_on_a_quiet_stderr(tmp_path, capfd, make, expected):
+    """`bnfreeze audit` (in-process `main`) on input it cannot read: exit 2, nothing on
+    stdout, and file descriptor 2 receives exactly one line `ErrorName: message`; a
+    corrupt or empty file is called corrupt, not "File not found" as Keras says. That
+    the command's own process adds nothing to it (TensorFlow's start-up logging kept
+    back) is checked on one such file by the next test."""
     path = make(tmp_path)
+    capfd.readouterr()
+    status = main(["audit", path])
+    captured = capfd.readouterr()
+    assert (status, captured.out) == (2, "")
+    assert captured.err == expected.format(path=path) + "\n"
+
+
+def test_unreadable_input_from_the_command_is_one_line(tmp_path):
+    """The console script, as users run it, on a truncated .keras file: exit 2, nothing on
+    stdout, and stderr is exactly the one line (TensorFlow's start-up logging kept back)."""
+    path = _truncated(tmp_path, "truncated.keras")
     result = run_cli("audit", path)
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == expected.format(path=path) + "\n"
+    assert result.stderr == CORRUPT.format(path=path) + "\n"
 
 
-def test_a_model_that_fails_to_load_is_one_line(tmp_path):
-    """A file whose format is right but whose content Keras refuses: one line naming the
-    path and Keras's reason."""
+def test_a_model_that_fails_to_load_is_one_line(tmp_path, capfd):
+    """A file whose format is right but whose content Keras refuses (in-process `main`,
+    file descriptors captured): one line naming the path and Keras's reason."""
     path = tmp_path / "model.keras"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("config.json", "{not json")
-    result = run_cli("audit", str(path))
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n")
-    name, _, message = result.stderr.rstrip("\n").partition(": ")
-    assert name.isidentifier() and name[0].isupper(), result.stderr
-    assert message.startswith(f"Cannot load '{path}' as a Keras model: "), result.stderr
+    capfd.readouterr()
+    status = main(["audit", str(path)])
+    result = capfd.readouterr()
+    assert (status, result.out) == (2, "")
+    assert result.err.count("\n") == 1 and result.err.endswith("\n")
+    name, _, message = result.err.rstrip("\n").partition(": ")
+    assert name.isidentifier() and name[0].isupper(), result.err
+    assert message.startswith(f"Cannot load '{path}' as a Keras model: "), result.err
 
 
 @pytest.mark.parametrize("flag", ["-v", "--verbose"])
@@ -321,17 +338,19 @@ def test_a_log_level_set_by_the_user_wins(tmp_path, level, tensorflow_start_up_l
     shows: everything at 0, nothing (no fatal line) at 3."""
     missing = str(tmp_path / "missing.keras")
     line = f"FileNotFoundError: No such file: '{missing}'. Expected a .keras or .h5 model file."
-    reference = subprocess.run(
-        [sys.executable, "-c", "import bnfreeze"],
-        capture_output=True,
-        text=True,
-        env=_env(TF_CPP_MIN_LOG_LEVEL=level),
-        timeout=300,
-        check=True,
-    )
     result = run_cli("audit", missing, TF_CPP_MIN_LOG_LEVEL=level)
     assert result.returncode == 2
-    expected = [*_normalised(reference.stderr), line] if level == "0" else [line]
+    expected = [line]
+    if level == "0":  # the reference: importing bnfreeze elsewhere at that level
+        reference = subprocess.run(
+            [sys.executable, "-c", "import bnfreeze"],
+            capture_output=True,
+            text=True,
+            env=_env(TF_CPP_MIN_LOG_LEVEL=level),
+            timeout=300,
+            check=True,
+        )
+        expected = [*_normalised(reference.stderr), line]
     assert _normalised(result.stderr) == expected
 
 

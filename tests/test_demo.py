@@ -100,12 +100,35 @@ def test_resnet_of_resnet50_blocks_is_resnet50():
 
 @pytest.fixture(scope="module")
 def pretrained() -> tuple[Any, Any, int]:
-    """The --quick base after the demo's pretraining, its classifier and its step count."""
-    keras.utils.set_random_seed(0)
-    setting = _demo.QUICK
-    base = _demo.resnet(setting.image_size, setting.blocks, setting.width)
-    classifier, steps = _demo.pretrain(base, setting, seed=0)
-    return base, classifier, steps
+    """The --quick base after the demo's pretraining (seed 0, as `run` does it), its
+    classifier and its step count; pretrained once for the module."""
+    return _demo.pretrained_base(_demo.QUICK, seed=0)
+
+
+def _copy(pretrained: tuple[Any, Any, int]) -> tuple[Any, Any, int]:
+    """A fresh copy of the pretrained classifier and of the base inside it (same layers,
+    names and values, moving statistics included), for a test that changes them."""
+    _, classifier, steps = pretrained
+    copy = keras.models.clone_model(classifier)
+    copy.set_weights(classifier.get_weights())
+    base = next(layer for layer in copy.layers if isinstance(layer, keras.Model))
+    return base, copy, steps
+
+
+def test_copies_of_the_pretrained_base_are_equal_and_separate(pretrained):
+    """`_copy` gives the same base (name, layer names, every variable's value) in new
+    variables: what the demo run below starts from is what the tests above checked."""
+    base, classifier, _ = pretrained
+    copy, copied_classifier, _ = _copy(pretrained)
+    assert copy is not base and copy.name == base.name
+    assert [x.name for x in copy.layers] == [x.name for x in base.layers]
+    ours, theirs = h.snapshot(copy), h.snapshot(base)
+    h.assert_same_values(theirs, ours)
+    assert not {id(v) for v in copy.weights} & {id(v) for v in base.weights}
+    x, _ = _demo.shapes(8, _demo.QUICK.image_size, seed=9)
+    np.testing.assert_array_equal(
+        h.to_numpy(copied_classifier(x, training=False)), h.to_numpy(classifier(x, training=False))
+    )
 
 
 def test_pretraining_learns_the_shapes(pretrained):
@@ -191,8 +214,11 @@ def test_measure_tells_batch_from_moving_statistics():
 
 
 @pytest.fixture(scope="module")
-def quick_run() -> Any:
-    return _demo.run(quick=True, seed=0)
+def quick_run(pretrained: tuple[Any, Any, int]) -> Any:
+    """`run(quick=True, seed=0)` on a copy of the module's pretrained base (the same
+    pretraining `run` does itself, done once; the whole command, pretraining included,
+    runs in test_cli.py)."""
+    return _demo.run(quick=True, seed=0, pretrained=_copy(pretrained))
 
 
 def test_render_is_short_and_shows_the_measured_rows(quick_run):

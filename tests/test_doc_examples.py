@@ -37,6 +37,12 @@ _ON_TF_KERAS = "on tf-keras: "
 #: Each page runs in a child process; fail it if it takes longer than this.
 TIMEOUT = 600
 
+#: Pages run by a test file of their own (test_doc_examples_long.py) rather than by
+#: ``test_every_python_block_runs_as_pasted`` here: each takes as long as all the other
+#: pages together, so with ``--dist loadfile`` it runs on one worker while the rest run
+#: on the other.
+LONG_PAGES = [ROOT / "docs" / "fine-tuning-in-one-fit.md"]
+
 
 def python_blocks(text: str) -> list[tuple[int, str, str | None]]:
     """The page's ```python blocks as (line number of the fence, code, reason not to run
@@ -122,8 +128,7 @@ def test_the_parser_finds_blocks_and_markers():
     ]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
-def test_every_python_block_runs_as_pasted(page: Path, tmp_path: Path) -> None:
+def run_page(page: Path, tmp_path: Path) -> None:
     """The page's python blocks, run in page order in one fresh interpreter (from an empty
     directory, so files they write stay there), finish without an exception."""
     if not any(reason is None for _, _, reason in python_blocks(page.read_text())):
@@ -140,6 +145,25 @@ def test_every_python_block_runs_as_pasted(page: Path, tmp_path: Path) -> None:
         timeout=TIMEOUT,
     )
     assert result.returncode == 0, f"{page.name}:\n{result.stderr[-4000:]}"
+
+
+SHORT_PAGES = [page for page in PAGES if page not in LONG_PAGES]
+
+
+@pytest.mark.parametrize("page", SHORT_PAGES, ids=[str(p.relative_to(ROOT)) for p in SHORT_PAGES])
+def test_every_python_block_runs_as_pasted(page: Path, tmp_path: Path) -> None:
+    """The page's python blocks, run in page order in one fresh interpreter (from an empty
+    directory, so files they write stay there), finish without an exception (the pages
+    of ``LONG_PAGES`` in test_doc_examples_long.py)."""
+    run_page(page, tmp_path)
+
+
+def test_every_page_is_run():
+    """Every page is run, here or by test_doc_examples_long.py, and only once."""
+    from tests.test_doc_examples_long import PAGES_RUN_THERE
+
+    assert sorted(SHORT_PAGES + PAGES_RUN_THERE) == sorted(PAGES)
+    assert set(LONG_PAGES) <= set(PAGES)
 
 
 def test_blocks_not_run_are_few_and_say_why():
