@@ -36,7 +36,7 @@ nox.options.sessions = [
 
 TF = "tensorflow-cpu==2.21.0"
 KERAS_NIGHTLY = "keras-nightly==3.16.0.dev2026102704"
-TEST_DEPS = ["numpy", "pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "pytest-timeout", "h5py"]
+TEST_DEPS = ["numpy", "pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6", "pytest-timeout", "h5py"]
 #: Both cores: the suite is mostly single-threaded tracing, so two workers take about
 #: half the time of one. Test files stay whole on one worker (their module fixtures
 #: are built once). ``nox -s "tests(keras-3.15)" -- tests/test_fold.py`` runs one file.
