@@ -425,6 +425,16 @@ def _inference_members(base: Any) -> dict[str, Any]:
     return {"call": call}
 
 
+def _saved_form_members(base: type, what: str) -> dict[str, Any]:
+    """What every generated class has: the pinned layer's saved form and a docstring."""
+    return {
+        "get_config": _frozen_get_config,
+        "from_config": classmethod(_frozen_from_config),
+        "__module__": __name__,
+        "__doc__": f"{base.__name__} {what} by bnfreeze (see bnfreeze.freeze).",
+    }
+
+
 def pinned_class(base: type) -> type:
     """The generated pinned subclass of ``base`` (made once, then cached).
 
@@ -435,12 +445,7 @@ def pinned_class(base: type) -> type:
     cls = _GENERATED.get(base)
     if cls is not None:
         return cls
-    members: dict[str, Any] = {
-        "get_config": _frozen_get_config,
-        "from_config": classmethod(_frozen_from_config),
-        "__module__": __name__,
-        "__doc__": f"{base.__name__} pinned by bnfreeze (see bnfreeze.freeze).",
-    }
+    members = _saved_form_members(base, "pinned")
     if issubclass(base, BN_BASE):
         members.update(_bn_members(base))
     else:
@@ -463,13 +468,7 @@ def lock_class(base: type) -> type:
     cls = _LOCK_ONLY.get(base)
     if cls is not None:
         return cls
-    members: dict[str, Any] = {
-        "get_config": _frozen_get_config,
-        "from_config": classmethod(_frozen_from_config),
-        "__module__": __name__,
-        "__doc__": f"{base.__name__} locked by bnfreeze (see bnfreeze.freeze).",
-        **_lock_members(base),
-    }
+    members = {**_saved_form_members(base, "locked"), **_lock_members(base)}
     cls = generated_subclass(base, members)
     register_serialized_name(cls, REGISTERED_NAME)
     register_generated_class(cls, base, kind="lock")
