@@ -18,7 +18,8 @@ from bnfreeze._errors import ArgumentError, ArgumentTypeError, SelectionError
 from bnfreeze._select import select
 from bnfreeze._walk import Node, check_model, walk
 
-Mapping_ = Mapping[Any, float] | Iterable[tuple[Any, float]]
+#: What ``set_lr_multipliers`` takes: ``{selector: k}``, or ``[(selector, k), ...]``.
+MultiplierMapping = Mapping[Any, float] | Iterable[tuple[Any, float]]
 
 
 def _entries(mapping: Any) -> list[tuple[Any, Any]]:
@@ -63,7 +64,7 @@ def resolve(model: Any, mapping: Any) -> dict[str, float]:
     return table
 
 
-def set_lr_multipliers(model: Any, mapping: Mapping_) -> Any:
+def set_lr_multipliers(model: Any, mapping: MultiplierMapping) -> Any:
     """Train parts of ``model`` at a multiple of the optimizer's learning rate.
 
     ``mapping`` is ``{selector: multiplier}`` with the selectors of

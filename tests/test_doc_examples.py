@@ -128,9 +128,9 @@ def test_the_parser_finds_blocks_and_markers():
     ]
 
 
-def run_page(page: Path, tmp_path: Path) -> None:
+def run_page(page: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """The page's python blocks, run in page order in one fresh interpreter (from an empty
-    directory, so files they write stay there), finish without an exception."""
+    directory, so files they write stay there); the finished process."""
     if not any(reason is None for _, _, reason in python_blocks(page.read_text())):
         pytest.skip(f"{page.name} has no python block to run")
     env = dict(os.environ)
@@ -144,7 +144,7 @@ def run_page(page: Path, tmp_path: Path) -> None:
         env=env,
         timeout=TIMEOUT,
     )
-    assert result.returncode == 0, f"{page.name}:\n{result.stderr[-4000:]}"
+    return result
 
 
 SHORT_PAGES = [page for page in PAGES if page not in LONG_PAGES]
@@ -155,7 +155,8 @@ def test_every_python_block_runs_as_pasted(page: Path, tmp_path: Path) -> None:
     """The page's python blocks, run in page order in one fresh interpreter (from an empty
     directory, so files they write stay there), finish without an exception (the pages
     of ``LONG_PAGES`` in test_doc_examples_long.py)."""
-    run_page(page, tmp_path)
+    result = run_page(page, tmp_path)
+    assert result.returncode == 0, f"{page.name}:\n{result.stderr[-4000:]}"
 
 
 def test_every_page_is_run():

@@ -21,4 +21,5 @@ PAGES_RUN_THERE = list(LONG_PAGES)
 def test_every_python_block_runs_as_pasted(page: Path, tmp_path: Path) -> None:
     """The page's python blocks, run in page order in one fresh interpreter (from an empty
     directory, so files they write stay there), finish without an exception."""
-    run_page(page, tmp_path)
+    result = run_page(page, tmp_path)
+    assert result.returncode == 0, f"{page.name}:\n{result.stderr[-4000:]}"
