@@ -43,8 +43,10 @@ from bnfreeze._backend import (  # noqa: E402
     is_tensorflow_backend,
     map_structure,
     pack_sequence_as,
+    predict_twin,
     require_tensorflow_backend,
     same_structure,
+    squared_in_place,
     stateless_scope,
     strategy_of,
     symbolic_pass,
@@ -70,7 +72,9 @@ __all__ = [
     "is_tensorflow_backend",
     "map_structure",
     "pack_sequence_as",
+    "predict_twin",
     "same_structure",
+    "squared_in_place",
     "current_stateless_scope",
     "symbolic_pass",
     "symbolic_spec",
@@ -79,6 +83,7 @@ __all__ = [
     "bn_uses_batch_statistics",
     "compiled_loss_value",
     "created_trainable_variables",
+    "defer_optimizer_slots",
     "direct_sublayers",
     "fit_trainable_state",
     "fit_trainable_variables",
@@ -94,9 +99,11 @@ __all__ = [
     "register_serialized_name",
     "require_tensorflow_backend",
     "reset_compiled_functions",
+    "restore_backup_into_layout",
     "set_optimizer_attribute",
     "run_updates_even_if_frozen",
     "stateless_scope",
+    "undefer_optimizer_slots",
     "strategy_of",
     "tf_variable",
     "to_numpy",
@@ -490,8 +497,73 @@ def untrack_optimizer_variable(optimizer: Any, variable: Any) -> None:
             return
 
 
+#: What a tf-keras optimizer's checkpoint keeps while its slots are deferred.
+_KEPT_OPTIMIZER_CHILDREN = ("_iterations", "_learning_rate", "_index_dict")
+
+
+def defer_optimizer_slots(optimizer: Any) -> bool:
+    """tf-keras: leave ``optimizer``'s list of variables and its slot lists out of its
+    checkpoint children (``iterations`` and the learning rate stay), so that a TensorFlow
+    checkpoint restored now defers their values (kept by the optimizer, by name) instead
+    of assigning them by position to a layout that is not the saved one. Whether it did
+    (``False`` on Keras 3). :func:`undefer_optimizer_slots` undoes it."""
+    if not IS_TF_KERAS or not hasattr(optimizer, "_trackable_children"):
+        return False
+    children = optimizer._trackable_children()  # tf-keras caches what it returns
+    kept = {k: v for k, v in children.items() if k in _KEPT_OPTIMIZER_CHILDREN}
+    object.__setattr__(optimizer, "_coalesced_children", kept)  # past tracking
+    return True
+
+
+def undefer_optimizer_slots(optimizer: Any) -> None:
+    """tf-keras: drop the restores deferred while :func:`defer_optimizer_slots` held, and
+    let the optimizer list all its checkpoint children again."""
+    deferred = getattr(optimizer, "_self_unconditional_deferred_dependencies", None)
+    if isinstance(deferred, dict):
+        for name in [n for n in deferred if n not in _KEPT_OPTIMIZER_CHILDREN]:
+            del deferred[name]
+    forget_optimizer_children(optimizer)
+
+
 def forget_optimizer_children(optimizer: Any) -> None:
     """tf-keras caches an optimizer's checkpoint children at its first save; drop the
     cache after its slot lists were replaced, so the next save lists the new ones."""
     if IS_TF_KERAS:
         vars(optimizer).pop("_coalesced_children", None)
+
+
+def restore_backup_into_layout(model: Any) -> bool:
+    """tf-keras: load again the checkpoint a running ``BackupAndRestore`` loaded when
+    ``fit`` started (its ``model._training_state``), if the optimizer's variables now have
+    the count and shapes of the saved ones; whether it was loaded.
+
+    tf-keras restores a TensorFlow checkpoint, whose optimizer slots are matched by their
+    position in ``optimizer._variables``, when ``fit`` starts: before the ``Unfreeze``
+    stages of the interrupted run give the optimizer the layout that was saved. Keras 3
+    holds the values instead (`_optim.hold_unmatched_loads`): ``False`` there.
+    """
+    state = getattr(model, "_training_state", None) if IS_TF_KERAS else None
+    manager = getattr(state, "read_checkpoint_manager", None)
+    path = getattr(manager, "latest_checkpoint", None)
+    if not path or getattr(state, _RESTORED_ATTR, None) == path:
+        return False
+    import re
+
+    import tensorflow as tf
+
+    pattern = re.compile(r"^model/optimizer/_variables/(\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")
+    saved: dict[int, tuple[int, ...]] = {}
+    for name, shape in tf.train.list_variables(path):
+        found = pattern.match(name)
+        if found:
+            saved[int(found.group(1))] = tuple(shape)
+    variables = list(model.optimizer.variables)
+    own = {i: tuple(v.shape) for i, v in enumerate(variables) if i in saved or i > 0}
+    if not saved or own != saved:
+        return False
+    state.restore()
+    setattr(state, _RESTORED_ATTR, path)  # once per fit (a new state each fit)
+    return True
+
+
+_RESTORED_ATTR = "_bnfreeze_restored"

@@ -25,9 +25,11 @@ from bnfreeze._compat import (
     OPTIMIZER_BUILT,
     OPTIMIZER_INDEX,
     backend_name,
+    defer_optimizer_slots,
     forget_optimizer_children,
     keras,
     set_optimizer_attribute,
+    undefer_optimizer_slots,
     strategy_of,
     to_numpy,
 )
@@ -141,6 +143,11 @@ def hold_unmatched_loads(optimizer: Any) -> None:
     if _HELD_ATTR in vars(optimizer):
         return
     object.__setattr__(optimizer, _HELD_ATTR, None)
+    if defer_optimizer_slots(chain(optimizer)[-1]):
+        # tf-keras restores a TensorFlow checkpoint, slots matched by their position in
+        # its lists, when fit starts: the restore defers them now, and the stages load
+        # it again once they gave the optimizer the saved layout (`reattach_slots`).
+        return
     load_own_variables = optimizer.load_own_variables
 
     def holding_load_own_variables(store: Any) -> Any:
@@ -152,6 +159,30 @@ def hold_unmatched_loads(optimizer: Any) -> None:
         return None
 
     object.__setattr__(optimizer, "load_own_variables", holding_load_own_variables)
+
+
+def reattach_slots(optimizer: Any) -> None:
+    """tf-keras: make ``optimizer``'s slots part of its checkpoint again, named by their
+    positions now, and drop the restores a checkpoint deferred for them (see
+    :func:`hold_unmatched_loads`); a checkpoint restored next loads them. Nothing on
+    Keras 3."""
+    inner = chain(optimizer)[-1]
+    tracking = _tracking_lists(inner)
+    if not tracking:
+        return
+    undefer_optimizer_slots(inner)
+    for tracked in tracking:
+        _rename_list_dependencies(tracked, list(tracked))
+
+
+def _tracking_lists(opt: Any) -> list[Any]:
+    """The TensorFlow ``ListWrapper`` attributes of ``opt`` (tf-keras: its list of
+    variables and its per-variable slot lists, each saved by position)."""
+    return [value for value in vars(opt).values() if _is_list_wrapper(value)]
+
+
+def _is_list_wrapper(tracked: Any) -> bool:
+    return isinstance(getattr(tracked, "_storage", None), list)
 
 
 def holds_state(optimizer: Any) -> bool:
@@ -254,13 +285,15 @@ def _replace_contents(tracked: Any, variables: list[Any]) -> None:
     """Put ``variables`` in the optimizer's list of its variables, the list object kept
     (Keras 3's tracker holds it); past the tracking list's own methods, which compare
     variables with ``==``."""
-    storage = getattr(tracked, "_storage", None)  # TensorFlow's ListWrapper
-    if isinstance(storage, list):
-        storage[:] = variables
-        # A checkpoint (tf-keras's BackupAndRestore) saves the list as it is now.
+    if _is_list_wrapper(tracked):  # TensorFlow's ListWrapper
+        tracked._storage[:] = variables
+        # A checkpoint (tf-keras's BackupAndRestore) saves the list as it is now: its
+        # dependencies, named by position when each element was appended, are named
+        # again after the new contents (stale positions dropped).
         for flag in ("_non_append_mutation_value", "_external_modification_value"):
             if getattr(tracked, flag, False):
                 object.__setattr__(tracked, flag, False)
+        _rename_list_dependencies(tracked, variables)
         snapshot = getattr(tracked, "_update_snapshot", None)
         if callable(snapshot):
             snapshot()
@@ -268,6 +301,25 @@ def _replace_contents(tracked: Any, variables: list[Any]) -> None:
         list.__setitem__(tracked, slice(None), variables)
     else:
         tracked[:] = variables
+
+
+def _rename_list_dependencies(tracked: Any, variables: list[Any]) -> None:
+    """Name ``tracked``'s checkpoint dependencies (a TensorFlow ``ListWrapper``) by the
+    positions of ``variables``, as appending them one by one would have; the restores a
+    checkpoint deferred for the list's elements are dropped, not applied to them."""
+    deferred = getattr(tracked, "_self_unconditional_deferred_dependencies", None)
+    if isinstance(deferred, dict):
+        deferred.clear()
+    dependencies = getattr(tracked, "_self_unconditional_checkpoint_dependencies", None)
+    names = getattr(tracked, "_self_unconditional_dependency_names", None)
+    if not isinstance(dependencies, list) or not isinstance(names, dict):
+        return
+    wanted = {tracked._name_element(i) for i in range(len(variables))}
+    dependencies[:] = [d for d in dependencies if d.name in wanted]
+    for name in [n for n in names if n not in wanted]:
+        del names[name]
+    for i, variable in enumerate(variables):
+        tracked._track_trackable(variable, name=tracked._name_element(i), overwrite=True)
 
 
 def _start_averages(opt: Any, variables: Sequence[Any]) -> None:

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 from bnfreeze._compat import (
+    IS_TF_KERAS,
     backend_name,
     created_trainable_variables,
     keras,
     require_tensorflow_backend,
+    restore_backup_into_layout,
     to_numpy,
 )
 from bnfreeze._errors import ArgumentError, ArgumentTypeError, ModeError, ModelError
@@ -30,6 +32,7 @@ from bnfreeze._optim import (
     chain,
     divides_by_learning_rate,
     hold_unmatched_loads,
+    reattach_slots,
     refusal,
     relayout,
     variable_scope,
@@ -91,6 +94,16 @@ class _Stage(_Callback):  # type: ignore[misc]
                 "two fit calls and compile again."
             )
         return optimizer
+
+    def _restore_backup(self) -> None:
+        """tf-keras: ``BackupAndRestore`` restored its checkpoint when ``fit`` started,
+        the optimizer's slots deferred (`_optim.hold_unmatched_loads`); restore it again
+        once the stages before the resumed epoch have given the optimizer the layout that
+        was saved (checked before this stage applies, and after)."""
+        optimizer = getattr(self.model, "optimizer", None)
+        if IS_TF_KERAS and optimizer is not None:
+            reattach_slots(optimizer)
+            restore_backup_into_layout(self.model)
 
     @staticmethod
     def _prepare(model: Any, optimizer: Any) -> None:
@@ -182,7 +195,9 @@ class Unfreeze(_Stage):
             return
         value = self._multiplier(epoch)  # checked before anything changes
         if not self._applied:
+            self._restore_backup()
             self._apply(value)
+            self._restore_backup()
         elif callable(self.lr_multiplier) and self._paths:
             set_multipliers(self.model, dict.fromkeys(self._paths, value))
 
@@ -288,8 +303,10 @@ class Freeze(_Stage):
         """Freeze at (or, after ``initial_epoch``, past) the epoch."""
         if epoch < self.epoch or self._applied:
             return
+        self._restore_backup()
         freeze(self.model, self.layers, bn_mode=self.bn_mode or "inference")
         self._applied = True
+        self._restore_backup()
 
 
 class PreciseBN(_Callback):  # type: ignore[misc]

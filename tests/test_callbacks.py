@@ -403,11 +403,6 @@ def test_backup_and_restore_resumes_to_the_same_weights(
     tmp_path: Any, interrupt_at: int, built_before: bool
 ) -> None:
     """Interrupted, resumed by BackupAndRestore: bitwise the uninterrupted fit's weights."""
-    if IS_TF_KERAS:
-        # tf-keras's BackupAndRestore restores through a TensorFlow checkpoint (slot lists
-        # by attribute and position) when fit starts, into the optimizer's layout before
-        # the stages: the slots of the stages' variables are not restored.
-        pytest.xfail("tf-keras BackupAndRestore across a stage (known limit, issue 14)")
     # The resumed fit is a fresh model: optimizer slots of the unfrozen variables are restored
     # and stages before the resumed epoch re-applied; "optimizer_built_before": an earlier fit
     # built the optimizer, so Unfreeze grows it.
