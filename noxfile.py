@@ -67,11 +67,13 @@ def _install_flavour(session: nox.Session, flavour: str) -> dict[str, str]:
     if flavour == "keras-3.16-dev":
         # Both distributions ship the `keras` package: remove the stable one first.
         # Reinstalled: in a reused environment the uninstall took the files they share.
+        # ``run_install``: skipped with the installs (``nox -R``), which would leave the
+        # environment without any `keras`.
         if _uv(session):
-            session.run("uv", "pip", "uninstall", "keras", external=True)
+            session.run_install("uv", "pip", "uninstall", "keras", external=True)
             session.install("--reinstall-package", "keras-nightly", KERAS_NIGHTLY)
         else:
-            session.run("python", "-m", "pip", "uninstall", "-y", "keras")
+            session.run_install("python", "-m", "pip", "uninstall", "-y", "keras")
             session.install("--force-reinstall", "--no-deps", KERAS_NIGHTLY)
     elif flavour == "tf-keras":
         session.install("tf-keras==2.21.0")
