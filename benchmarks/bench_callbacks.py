@@ -3,6 +3,7 @@
 Run from the repository root with the flavour's python, for example::
 
     PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/bench_callbacks.py
+    KERAS_BACKEND=jax PYTHONPATH=. python benchmarks/bench_callbacks.py   # or torch
     TF_USE_LEGACY_KERAS=1 PYTHONPATH=. python benchmarks/bench_callbacks.py   # tf-keras
 
 What is measured: the transfer-learning-guide model (a ResNet50 base called with
@@ -20,8 +21,9 @@ wall clock). Target: <= 1.02.
 ``m = 1`` adds no operation to the step; ``m = 0.1`` adds one multiplication of the
 learning rate per newly trained variable.
 
-As a check independent of the clock, both sides' full train step (forward, gradient and
-optimizer update) is traced with ``tf.function`` and the operations compared.
+As a check independent of the clock, on the TensorFlow backend both sides' full train
+step (forward, gradient and optimizer update) is traced with ``tf.function`` and the
+operations compared.
 
 This is not a test: it prints numbers. ``--json`` prints them as one JSON document.
 """
@@ -41,7 +43,7 @@ import numpy as np
 from bench_freeze import copy_weights, guide, interleaved, resnet50, summary
 
 import bnfreeze
-from bnfreeze._compat import flavour_label, keras
+from bnfreeze._compat import backend_name, flavour_label, keras
 
 BLOCK = "resnet50/conv5_*"
 SIZES = [
@@ -67,8 +69,11 @@ def cpu_timed(fn: Callable[[], Any], sink: list[float]) -> Callable[[], None]:
     return run
 
 
-def traced_train_step_ops(model: Any, x: Any, y: Any) -> dict[str, int]:
-    """Operation types and counts of one traced ``train_step`` (nothing runs)."""
+def traced_train_step_ops(model: Any, x: Any, y: Any) -> dict[str, int] | None:
+    """Operation types and counts of one traced ``train_step`` (nothing runs); ``None``
+    off the TensorFlow backend (JAX and PyTorch steps are not TensorFlow graphs)."""
+    if backend_name() != "tensorflow":
+        return None
     import tensorflow as tf
 
     step = tf.function(lambda x, y: model.train_step((x, y)))
@@ -142,10 +147,13 @@ def bench(size: int, batch: int, reps: int, multipliers: list[float]) -> dict[st
             "cpu_ratio_of_medians": statistics.median(cpu_a) / statistics.median(cpu_b),
             "fit_with_unfreeze_s": setup_s[m],
             "optimizer_variables": len(model.optimizer.variables),
-            "ops": [sum(ops.values()), sum(fresh_ops.values())],
-            "same_op_counts": ops == fresh_ops,
-            "op_difference": graph_difference(ops, fresh_ops),
         }
+        if ops is not None and fresh_ops is not None:
+            results[f"multiplier_{m:g}"].update(
+                ops=[sum(ops.values()), sum(fresh_ops.values())],
+                same_op_counts=ops == fresh_ops,
+                op_difference=graph_difference(ops, fresh_ops),
+            )
     return results
 
 
@@ -169,7 +177,9 @@ def render(results: dict[str, Any]) -> str:
             f"  process CPU time     {r['cpu_median_a_s'] * 1e3:8.1f} ms   fresh compile "
             f"{r['cpu_median_b_s'] * 1e3:8.1f} ms   ratio {r['cpu_ratio_of_medians']:.3f}",
             f"  traced train step ops: {r['ops'][0]} vs {r['ops'][1]} "
-            f"(same op counts: {r['same_op_counts']}; difference {r['op_difference']})",
+            f"(same op counts: {r['same_op_counts']}; difference {r['op_difference']})"
+            if "ops" in r
+            else "  traced train step ops: not counted (not the TensorFlow backend)",
             f"  optimizer variables {r['optimizer_variables']} vs "
             f"{results['optimizer_variables_fresh']}; the fit with the Unfreeze (2 one-step "
             f"epochs, two traces) took {r['fit_with_unfreeze_s']:.1f} s",

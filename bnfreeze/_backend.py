@@ -26,8 +26,10 @@ __all__ = [
     "is_tensorflow_backend",
     "map_structure",
     "pack_sequence_as",
+    "predict_twin",
     "require_tensorflow_backend",
     "same_structure",
+    "squared_in_place",
     "stateless_scope",
     "strategy_of",
     "symbolic_pass",
@@ -168,6 +170,47 @@ def stateless_scope(read: Any = ()) -> Any:
     if IS_TF_KERAS:
         return None
     return keras.StatelessScope(state_mapping=[(v, v) for v in read], collect_losses=True)
+
+
+# --- a model's predict loop run for a pass, the model untouched (JAX, PyTorch) -----------
+
+
+def predict_twin(model: Any, predict_step: Any) -> Any:
+    """A twin of ``model`` whose ``predict`` runs ``predict_step`` in the trainer's loop
+    (jitted on JAX, sharded under ``keras.distribution``), while ``model`` itself stays as
+    another thread calling it meanwhile expects.
+
+    The twin is a shallow copy: the same layers and variables, attributes of its own (its
+    ``predict_step``, ``predict_function`` and the loop's bookkeeping land on the twin, not
+    on ``model``). On JAX Keras's ``predict`` takes the variables' values out of them for
+    the loop (``_get_jax_state(purge_model_variables=True)``, the values donated to the
+    jitted step) and puts them back at the end (``jax_state_sync``); the twin's loop reads
+    copies of the values and writes nothing back, so the model keeps its values throughout
+    (private API: tests/test_backend_compat.py guards it).
+    """
+    twin = object.__new__(type(model))
+    twin.__dict__.update(model.__dict__)
+    object.__setattr__(twin, "predict_step", predict_step)
+    object.__setattr__(twin, "predict_function", None)
+    if backend_name() == "jax":
+
+        def state_copies(**which: Any) -> Any:
+            which["purge_model_variables"] = False
+            state = type(model)._get_jax_state(twin, **which)
+            return keras.tree.map_structure(lambda a: a.copy(), state)
+
+        object.__setattr__(twin, "_get_jax_state", state_copies)
+        object.__setattr__(twin, "jax_state_sync", lambda: None)
+    return twin
+
+
+def squared_in_place(tensor: Any) -> Any:
+    """``tensor ** 2``, in place where the backend allows it (PyTorch: no second buffer
+    the size of a BN input, whose allocation costs as much as the arithmetic); only for
+    a tensor the caller made and does not use again."""
+    if backend_name() == "torch":
+        return tensor.square_()
+    return keras.ops.square(tensor)
 
 
 # --- replicas, and PyTorch's optimizers ---------------------------------------------------

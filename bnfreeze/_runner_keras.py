@@ -1,12 +1,13 @@
 """recalibrate's pass on JAX and PyTorch: the trainer's own compiled ``predict`` loop.
 
-For the pass, the model's ``predict_step`` is replaced (an instance attribute, removed
-afterwards) by one that runs the original step with every BN layer we can run ourselves
-intercepted: a selected layer reduces its batch to (count, mean, M2) with ``keras.ops``,
-**centred within the batch** in float32 (a plain sum of squares loses 4-10 % of the
-variance on inputs far from 0), and normalises as ``upstream`` says; the others normalise
-with their moving statistics and write nothing. The step returns the per-batch moments
-instead of the model's outputs, so ``predict`` (jitted on JAX, sharded under
+For the pass, a twin of the model (`_compat.predict_twin`: the same layers and variables,
+attributes of its own, so that a thread calling the model meanwhile notices nothing) runs
+``predict`` with a ``predict_step`` that runs the original step with every BN layer we can
+run ourselves intercepted: a selected layer reduces its batch to (count, mean, M2) with
+``keras.ops``, **centred within the batch** in float32 (a plain sum of squares loses 4-10
+% of the variance on inputs far from 0), and normalises as ``upstream`` says; the others
+normalise with their moving statistics and write nothing. The step returns the per-batch
+moments instead of the model's outputs, so ``predict`` (jitted on JAX, sharded under
 ``keras.distribution.DataParallel``) hands them back batch by batch, and they are merged
 on the host in float64 (`_moments.Moments`). Dependency levels for
 ``upstream="recalibrated"`` come from the functional graph (`_nodes`). Nothing of the
@@ -23,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from bnfreeze._compat import backend_name, bn_cast_dtype, flatten, keras, to_numpy
+from bnfreeze._compat import (
+    backend_name,
+    bn_cast_dtype,
+    flatten,
+    keras,
+    predict_twin,
+    squared_in_place,
+    to_numpy,
+)
 from bnfreeze._data import Source
 from bnfreeze._errors import ArgumentError, DataError
 from bnfreeze._layers import intercepted
@@ -114,25 +123,27 @@ class Runner:
             return (out, result[1]) if jax else out
 
         batches = _Batches(source)
-        saved_function = model.__dict__.get("predict_function")
         key = self._function_key(collect) if jax and not known else None
         functions = model.__dict__.get(_FUNCTIONS_ATTR)
         if key is not None and functions is None:
             functions = {}
             object.__setattr__(model, _FUNCTIONS_ATTR, functions)  # not tracked: no state
-        object.__setattr__(model, "predict_step", step)
-        try:
-            model.predict_function = functions.get(key) if key is not None else None
-            with intercepted(self.intercepted_layers, on_call), warnings.catch_warnings():
-                # The generator ends where the data does: that is not a mistake here.
-                warnings.filterwarnings("ignore", "Your input ran out of data")
-                outputs = model.predict(iter(batches), verbose=verbose)
-            if key is not None:
-                functions.clear()  # one pass function kept per model
-                functions[key] = model.predict_function
-        finally:
-            model.__dict__.pop("predict_step", None)
-            model.predict_function = saved_function
+        # The pass runs in a twin's predict loop: a thread calling the model meanwhile
+        # finds its own predict_step, predict function and variable values.
+        kept = functions.get(key) if key is not None else None
+        trampoline = kept.trampoline if kept is not None else _Trampoline()
+        trampoline.step = step
+        twin = predict_twin(model, trampoline)
+        twin.predict_function = kept
+        with intercepted(self.intercepted_layers, on_call), warnings.catch_warnings():
+            # The generator ends where the data does: that is not a mistake here.
+            warnings.filterwarnings("ignore", "Your input ran out of data")
+            outputs = twin.predict(iter(batches), verbose=verbose)
+        if key is not None:
+            functions.clear()  # one pass function kept per model
+            function = twin.predict_function
+            function.trampoline = trampoline  # what it calls, also when it retraces
+            functions[key] = function
         found: dict[int, Moments] = {}
         rows: dict[int, list[tuple[np.ndarray, ...]]] = {}
         for key in sorted(outputs, key=lambda k: tuple(map(int, k.split("/")))):
@@ -189,6 +200,17 @@ class Runner:
                 ups = [levels[j] for j in range(count) if masks[i] >> j & 1]
                 levels[i] = 1 + max(ups) if ups else 0
         return levels
+
+
+class _Trampoline:
+    """A pass's predict step that can be pointed at the next pass's: a kept JAX predict
+    function calls the twin that traced it, and a retrace (new batch shape) must run the
+    current pass's step."""
+
+    step: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        return self.step(*args)
 
 
 class _Batches:
@@ -313,4 +335,4 @@ def _batch_moments(x: Any, mask: Any, reduce_axes: tuple[int, ...], broadcast: l
     # float32 cannot hold the mean of inputs around 1000 to better than ~3e-5: the host
     # adds the (small, exact) residual mean of the centred values to the shift in float64.
     residual = ops.sum(centred, axis=reduce_axes) / ops.maximum(count, 1.0)
-    return count, shift, residual, ops.sum(centred * centred, axis=reduce_axes)
+    return count, shift, residual, ops.sum(squared_in_place(centred), axis=reduce_axes)

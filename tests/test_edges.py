@@ -61,12 +61,6 @@ def _serving_during(model: Any, x: Any, batches: list[Any]) -> tuple[Any, list[n
     return errors, outputs
 
 
-@pytest.mark.skipif(
-    not (h.TF_KERAS or keras.backend.backend() == "tensorflow"),
-    reason="open (issue 15): on JAX/PyTorch recalibrate runs in the model's own predict "
-    "loop (its predict_step is replaced for the pass), which a serving thread's predict "
-    "shares",
-)
 def test_serving_thread_sees_plain_model_during_recalibrate() -> None:
     """Another thread calling the model during recalibrate gets a plain model's outputs,
     raises nothing, and the recalibrated statistics equal an undisturbed run's."""
