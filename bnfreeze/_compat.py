@@ -542,7 +542,7 @@ def restore_backup_into_layout(model: Any) -> bool:
     stages of the interrupted run give the optimizer the layout that was saved. Keras 3
     holds the values instead (`_optim.hold_unmatched_loads`): ``False`` there.
     """
-    state = getattr(model, "_training_state", None) if IS_TF_KERAS else None
+    state: Any = getattr(model, "_training_state", None) if IS_TF_KERAS else None
     manager = getattr(state, "read_checkpoint_manager", None)
     path = getattr(manager, "latest_checkpoint", None)
     if not path or getattr(state, _RESTORED_ATTR, None) == path:

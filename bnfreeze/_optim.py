@@ -29,9 +29,9 @@ from bnfreeze._compat import (
     forget_optimizer_children,
     keras,
     set_optimizer_attribute,
-    undefer_optimizer_slots,
     strategy_of,
     to_numpy,
+    undefer_optimizer_slots,
 )
 
 

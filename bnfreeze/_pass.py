@@ -20,12 +20,14 @@ from bnfreeze._kinds import (
     is_batch_norm,
     original_class,
     overridden_phase_method,
+    pinned_mode,
 )
 from bnfreeze._moments import Moments
 from bnfreeze._walk import Node
 
 __all__ = [
     "check_finite",
+    "fingerprint",
     "intercepted_and_guarded",
     "put_back",
     "written_statistics",
@@ -118,3 +120,29 @@ def check_finite(
                 f"{dtype.name}. Nothing was changed. Expected finite inputs of "
                 "moderate size: check `data` for NaN and infinite values, and its scale."
             )
+
+
+def fingerprint(model: Any, nodes: list[Node]) -> tuple[Any, ...]:
+    """What a traced (TensorFlow) or jitted (JAX) pass depends on besides its inputs:
+    every layer (which one, its class -- pinned or not --, mode, ``trainable`` flag, dtype
+    policy; a BN's options) and every variable (which one: values are read when the pass
+    runs)."""
+    layers = tuple(
+        (
+            n.path,
+            id(n.layer),
+            type(n.layer),
+            pinned_mode(n.layer),
+            bool(n.layer.trainable),
+            str(getattr(n.layer, "compute_dtype", None)),
+            _bn_options(n.layer),
+        )
+        for n in nodes
+    )
+    return bool(model.trainable), layers, tuple(id(v) for v in model.variables)
+
+
+def _bn_options(layer: Any) -> tuple[Any, ...] | None:
+    if not is_batch_norm(layer):
+        return None
+    return (str(layer.axis), float(layer.epsilon), bool(layer.center), bool(layer.scale))

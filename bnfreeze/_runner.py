@@ -26,11 +26,16 @@ import tensorflow as tf
 from bnfreeze._compat import keras, strategy_of, tf_variable
 from bnfreeze._data import Source, batch_spec
 from bnfreeze._errors import DataError
-from bnfreeze._kinds import is_batch_norm, pinned_mode
 from bnfreeze._layers import intercepted
 from bnfreeze._moments import Moments, Plan, Role
 from bnfreeze._moments_tf import bn_call
-from bnfreeze._pass import check_finite, intercepted_and_guarded, put_back, written_statistics
+from bnfreeze._pass import (
+    check_finite,
+    fingerprint,
+    intercepted_and_guarded,
+    put_back,
+    written_statistics,
+)
 from bnfreeze._walk import Node
 
 __all__ = ["Runner", "runner"]
@@ -53,7 +58,7 @@ def runner(model: Any, nodes: list[Node], targets: list[Node], upstream: str) ->
     """The runner of an earlier call with the same model, selection and upstream (its traced
     passes reused), or a new one; at most ``_RUNNERS_KEPT`` per model."""
     strategy = strategy_of(model)
-    key = (upstream, id(strategy), tuple(id(n.layer) for n in targets), _fingerprint(model, nodes))
+    key = (upstream, id(strategy), tuple(id(n.layer) for n in targets), fingerprint(model, nodes))
     runners = model.__dict__.get(_RUNNERS_ATTR)
     if runners is None:
         runners = Runners()
@@ -63,31 +68,6 @@ def runner(model: Any, nodes: list[Node], targets: list[Node], upstream: str) ->
     while len(runners.by_key) > _RUNNERS_KEPT:
         runners.by_key.popitem(last=False)
     return runner
-
-
-def _fingerprint(model: Any, nodes: list[Node]) -> tuple[Any, ...]:
-    """What a traced pass depends on besides its inputs: every layer (which one, its
-    class -- pinned or not --, mode, ``trainable`` flag, dtype policy; a BN's options)
-    and every variable (which one: values are read when the pass runs)."""
-    layers = tuple(
-        (
-            n.path,
-            id(n.layer),
-            type(n.layer),
-            pinned_mode(n.layer),
-            bool(n.layer.trainable),
-            str(getattr(n.layer, "compute_dtype", None)),
-            _bn_options(n.layer),
-        )
-        for n in nodes
-    )
-    return bool(model.trainable), layers, tuple(id(v) for v in model.variables)
-
-
-def _bn_options(layer: Any) -> tuple[Any, ...] | None:
-    if not is_batch_norm(layer):
-        return None
-    return (str(layer.axis), float(layer.epsilon), bool(layer.center), bool(layer.scale))
 
 
 class Runner:

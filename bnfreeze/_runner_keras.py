@@ -38,7 +38,13 @@ from bnfreeze._errors import ArgumentError, DataError
 from bnfreeze._layers import intercepted
 from bnfreeze._moments import Moments, Plan, Role, channel_axes
 from bnfreeze._nodes import graph_calls, layer_graph, symbolic_inputs, symbolic_outputs
-from bnfreeze._pass import check_finite, intercepted_and_guarded, put_back, written_statistics
+from bnfreeze._pass import (
+    check_finite,
+    fingerprint,
+    intercepted_and_guarded,
+    put_back,
+    written_statistics,
+)
 from bnfreeze._walk import Node
 
 __all__ = ["Runner", "runner"]
@@ -178,6 +184,7 @@ class Runner:
             tuple(id(v) for v in model.trainable_variables),
             tuple(id(v) for v in model.non_trainable_variables),
             id(distribution) if distribution is not None else None,
+            fingerprint(model, self.nodes),  # layers pinned or unpinned since, modes
         )
 
     def _dependency_levels(self) -> list[int]:
