@@ -21,9 +21,9 @@ import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-#: ``tests(jax)`` and ``tests(torch)`` hold the whole suite on those backends for work on
-#: it; CI runs ``backends(jax)``/``backends(torch)``: the backend-independent test files
-#: (``BACKEND_TESTS``), until the rest of the suite stops assuming TensorFlow.
+#: ``tests(jax)`` and ``tests(torch)`` run the whole suite on those backends (the slow
+#: tests and the docs pages included); CI runs ``backends(jax)``/``backends(torch)``:
+#: the suite without the ResNet50-size tests and ``TENSORFLOW_ONLY_TESTS``.
 nox.options.sessions = [
     "lint",
     "docs",
@@ -115,37 +115,28 @@ def quick(session: nox.Session) -> None:
     session.run("pytest", *args, env=env)
 
 
-#: The test files that hold on every backend (each skips what a backend lacks, e.g.
-#: string tensors off TensorFlow, with its reason).
-BACKEND_TESTS = [
-    "tests/test_backends.py",
-    "tests/test_backend_audit.py",
-    "tests/test_backend_compat.py",
-    "tests/test_backend_import.py",
-    "tests/test_backend_phases.py",
-    "tests/test_backend_recalibrate.py",
-    "tests/test_fold.py",
-    "tests/test_fold_state.py",
-    "tests/test_fold_kerashub.py",
-    "tests/test_workflows.py",
-    "tests/test_edges.py",
-    "tests/test_trained_fixture.py",
-    "tests/test_callbacks.py",
-    "tests/test_callbacks_engines.py",
-    "tests/test_callbacks_precise_bn.py",
-    "tests/test_lr_multipliers.py",
-    "tests/test_lock.py",
-]
+#: Test files the JAX and PyTorch sessions leave out, and why; every other test file runs
+#: on every backend (a test of a TensorFlow feature -- tf.distribute, string tensors,
+#: TFLite, tf.function traces -- skips itself elsewhere and says so).
+TENSORFLOW_ONLY_TESTS = {
+    "tests/test_distributed_recalibrate.py": "tf.distribute strategies",
+    # The pages are examples for Keras's default backend, run as pasted on the three
+    # TensorFlow flavours; what they show is tested on JAX and PyTorch by the rest.
+    "tests/test_doc_examples.py": "the docs pages, as pasted",
+    "tests/test_doc_examples_long.py": "the docs pages, as pasted",
+}
 
 
 @nox.session(python="3.11")
 @nox.parametrize("backend", list(BACKEND_FLAVOURS), ids=list(BACKEND_FLAVOURS))
 def backends(session: nox.Session, backend: str) -> None:
-    """The backend-independent tests on keras 3.15 with JAX or PyTorch (``test_backends``
-    also starts the numpy backend, which imports scipy)."""
+    """The test suite on keras 3.15 with JAX or PyTorch, but the ResNet50-size ``slow``
+    tests and ``TENSORFLOW_ONLY_TESTS`` (``test_backends`` also starts the numpy backend,
+    which imports scipy)."""
     env = _install_flavour(session, backend)
     session.install("scipy")
-    args = list(session.posargs) or [*WORKERS, "-m", "not slow", *BACKEND_TESTS]
+    ignored = [f"--ignore={path}" for path in TENSORFLOW_ONLY_TESTS]
+    args = list(session.posargs) or [*WORKERS, "-m", "not slow", *ignored, "tests"]
     session.run("pytest", *args, env=env)
 
 

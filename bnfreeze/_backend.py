@@ -114,12 +114,18 @@ def same_structure(a: Any, b: Any) -> bool:
 
             tf.nest.assert_same_structure(a, b, check_types=True)
         else:
-            keras.tree.assert_same_structure(a, b)  # container types: checked below
-            if type(a) is not type(b):
+            keras.tree.assert_same_structure(a, b)
+            # Container types too (a list is not a tuple), as tf.nest's check_types;
+            # leaves of any type are alike (an array and None), as there.
+            if _skeleton(a) != _skeleton(b):
                 return False
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _skeleton(structure: Any) -> Any:
+    return keras.tree.map_structure(lambda _: 0, structure)
 
 
 def symbolic_spec(shape: tuple[Any, ...], dtype: Any) -> Any:

@@ -239,6 +239,16 @@ def _is_the_command() -> bool:
     return script in ("bnfreeze", "bnfreeze.exe", "bnfreeze-script.py")
 
 
+def _tensorflow_imported_later() -> bool:
+    """On JAX or PyTorch with TensorFlow installed: Keras's ``set_random_seed`` (which the
+    demo calls) imports TensorFlow, whose start-up logging would reach stderr then."""
+    import importlib.util
+
+    from bnfreeze._compat import backend_name
+
+    return backend_name() != "tensorflow" and importlib.util.find_spec("tensorflow") is not None
+
+
 def quiet_start() -> None:
     """In the ``bnfreeze`` command, read the arguments before anything imports Keras or
     TensorFlow, then import them with their start-up logging below
@@ -263,6 +273,9 @@ def quiet_start() -> None:
     try:
         with _stderr_captured(captured):
             import bnfreeze._compat  # noqa: F401  (Keras, and TensorFlow with it)
+
+            if "demo" in arguments and _tensorflow_imported_later():
+                import tensorflow  # noqa: F401
     finally:
         sys.stderr.write(_at_level("".join(captured), _log_level()))
 

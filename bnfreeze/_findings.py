@@ -17,6 +17,7 @@ from typing import Any
 from bnfreeze._compat import (
     HONOURS_GRAPH_TRAINING,
     IS_TF_KERAS,
+    backend_name,
     fit_trainable_variables,
     flavour_label,
     strategy_of,
@@ -413,7 +414,15 @@ def _trainable_changed_since_compile(ctx: Context) -> list[Finding]:
         return shown + (f" and {len(vs) - 3} more" if len(vs) > 3 else "")
 
     parts = []
-    if stale:
+    if stale and backend_name() == "jax":
+        # Keras's JAX trainer hands the optimizer the variables it was built with, by
+        # position: a fit with another number of trainable variables raises.
+        parts.append(
+            f"{len(stale)} variable(s) now frozen ({names(stale)}) are still in the "
+            "optimizer, so the next fit raises a ValueError if the number of trainable "
+            "variables changed"
+        )
+    elif stale:
         parts.append(
             f"{len(stale)} variable(s) now frozen are still trained by fit ({names(stale)})"
         )

@@ -141,10 +141,18 @@ class Runner:
         trampoline.step = step
         twin = predict_twin(model, trampoline)
         twin.predict_function = kept
+        # The progress bar of the TensorFlow runner (batches read, of `steps` if known),
+        # not predict's (which shows an unknown length as found at the end).
+        bar = keras.utils.Progbar(source.target(), verbose=verbose) if verbose else None
+        callbacks = [_Progress(bar, batches)] if bar is not None else []
         with intercepted(self.intercepted_layers, on_call), warnings.catch_warnings():
             # The generator ends where the data does: that is not a mistake here.
             warnings.filterwarnings("ignore", "Your input ran out of data")
-            outputs = twin.predict(iter(batches), verbose=verbose)
+            outputs = twin.predict(iter(batches), verbose=0, callbacks=callbacks)
+        if bar is not None:
+            seen = batches.indices[-1] + 1 if batches.indices else 0
+            if source.read != seen or source.target() is None:
+                bar.update(source.read, finalize=source.target() is None)
         if key is not None:
             functions.clear()  # one pass function kept per model
             function = twin.predict_function
@@ -218,6 +226,19 @@ class _Trampoline:
 
     def __call__(self, *args: Any) -> Any:
         return self.step(*args)
+
+
+class _Progress(keras.callbacks.Callback):  # type: ignore[misc]
+    """Moves ``bar`` to the batches the pass has run."""
+
+    def __init__(self, bar: Any, batches: _Batches) -> None:
+        super().__init__()
+        self.bar, self.batches = bar, batches
+
+    def on_predict_batch_end(self, batch: int, logs: Any = None) -> None:
+        indices = self.batches.indices
+        if indices:
+            self.bar.update(indices[min(batch, len(indices) - 1)] + 1)
 
 
 class _Batches:

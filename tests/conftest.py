@@ -22,6 +22,7 @@ with contextlib.suppress(RuntimeError):  # devices already initialised
     )
 
 from bnfreeze._compat import keras  # noqa: E402  (after the device set-up)
+from tests.helpers import BACKEND  # noqa: E402
 
 #: Hypothesis profiles, chosen by ``HYPOTHESIS_PROFILE``. ``ci`` (the default, what ``nox``
 #: runs) draws the examples each test asks for (``tests.helpers.examples(n)``: ``n``);
@@ -80,3 +81,10 @@ LONGEST_FIRST = ("test_doc_examples_long.py",)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    # tf.distribute exists where TensorFlow is the backend (JAX's keras.distribution is
+    # tested in test_backend_recalibrate.py).
+    if BACKEND != "tensorflow":
+        skip = pytest.mark.skip(reason="TensorFlow only: tf.distribute")
+        for item in items:
+            if item.get_closest_marker("distributed"):
+                item.add_marker(skip)

@@ -26,6 +26,25 @@ from bnfreeze._walk import walk
 
 L = keras.layers
 TF_KERAS = IS_TF_KERAS
+#: The Keras backend the suite runs on ("tensorflow" for tf-keras).
+BACKEND = "tensorflow" if IS_TF_KERAS else str(keras.backend.backend())
+
+
+#: keras 3.15's ``jit_compile=True`` on PyTorch (torch.compile) raises torch 2.13's
+#: DeprecationWarning for ``torch.jit.script_method`` inside ``fit`` (measured).
+NO_JIT_COMPILE = pytest.mark.skipif(
+    BACKEND == "torch",
+    reason="PyTorch: keras 3.15's jit_compile=True (torch.compile) raises torch 2.13's "
+    "DeprecationWarning for torch.jit.script_method inside fit (measured)",
+)
+
+
+def tensorflow_only(reason: str) -> Any:
+    """Mark a test (or a parameter) that holds on the TensorFlow backend only: ``reason``
+    says which TensorFlow feature it tests (a skip with that reason elsewhere)."""
+    return pytest.mark.skipif(BACKEND != "tensorflow", reason=f"TensorFlow only: {reason}")
+
+
 FAR_MEAN = -3.0
 FAR_VAR = 0.05
 

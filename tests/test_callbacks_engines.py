@@ -66,6 +66,8 @@ def in_scope(strategy: Any) -> Any:
 def engine(request: Any) -> Iterator[str]:
     if request.param == "mirrored":
         request.applymarker(pytest.mark.distributed)
+        if keras.backend.backend() != "tensorflow":
+            pytest.skip("TensorFlow only: tf.distribute")
     if request.param == "jit_compile" and keras.backend.backend() == "torch":
         pytest.skip(
             "PyTorch: keras 3.15's jit_compile=True (torch.compile) raises torch 2.13's "

@@ -90,6 +90,7 @@ def test_tuple_of_arrays_is_several_inputs() -> None:
     assert_moments(model.get_layer("bn_b"), xb)
 
 
+@h.tensorflow_only("string tensors")
 def test_batch_spec_of_strings() -> None:
     """Arrays of Python strings get a tf.string signature."""
     spec = batch_spec([np.array([["a"], ["bc"]]), np.array([[b"x"]], dtype=object)])

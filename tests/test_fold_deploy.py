@@ -65,9 +65,10 @@ _LOADER = textwrap.dedent(
         np.save(os.path.join(folder, name + ".npy"), model.predict_on_batch(x))
         result[name] = sorted({type(layer).__module__.split(".")[0] for layer in
                                model._flatten_layers(include_self=False)})
-    loaded = tf.saved_model.load(os.path.join(folder, "saved_model"))
-    served = loaded.serve(tf.constant(x))
-    np.save(os.path.join(folder, "saved_model.npy"), served.numpy())
+    if os.path.isdir(os.path.join(folder, "saved_model")):
+        loaded = tf.saved_model.load(os.path.join(folder, "saved_model"))
+        served = loaded.serve(tf.constant(x))
+        np.save(os.path.join(folder, "saved_model.npy"), served.numpy())
     result["bnfreeze_imported"] = "bnfreeze" in sys.modules
     try:
         keras.models.load_model(os.path.join(folder, "frozen.keras"))
@@ -91,7 +92,8 @@ def test_folded_model_loads_without_bnfreeze(tmp_path: Any) -> None:
     np.save(tmp_path / "x.npy", x)
     folded.save(tmp_path / "folded.keras")
     folded.save(tmp_path / "folded.h5")
-    folded.export(str(tmp_path / "saved_model"))
+    if h.BACKEND != "torch":  # Keras exports a PyTorch model through torch.export: fails
+        folded.export(str(tmp_path / "saved_model"))
     model.save(tmp_path / "frozen.keras")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
@@ -109,11 +111,13 @@ def test_folded_model_loads_without_bnfreeze(tmp_path: Any) -> None:
     assert result["folded.keras"] == result["folded.h5"] == [module]
     assert result["bnfreeze_imported"] is False
     assert result["frozen.keras"] != "loaded"  # the reason to fold before deploying
-    for name in ("folded.keras", "folded.h5", "saved_model"):
+    saved = ["saved_model"] if h.BACKEND != "torch" else []
+    for name in ("folded.keras", "folded.h5", *saved):
         got = np.load(tmp_path / f"{name}.npy")
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
+@h.tensorflow_only("the TFLite converter")
 def test_tflite_converts_the_folded_model() -> None:
     """tf.lite.TFLiteConverter.from_keras_model converts it; the interpreter agrees."""
     import tensorflow as tf

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import bnfreeze
-from bnfreeze._compat import keras, to_numpy
+from bnfreeze._compat import backend_name, keras, to_numpy
 from bnfreeze._modes import MODES
 from bnfreeze._walk import walk
 from tests import helpers as h
@@ -326,8 +326,10 @@ def _exotic_bn_model() -> Any:
     hidden = keras.layers.BatchNormalization(
         axis=1, momentum=0.9, epsilon=1e-2, center=False, name="bn_axis1"
     )(hidden)
+    # synchronized=True exists on the TensorFlow backend only (Keras refuses it elsewhere).
+    synchronized = {"synchronized": True} if backend_name() == "tensorflow" else {}
     hidden = keras.layers.BatchNormalization(
-        renorm=True, renorm_momentum=0.8, synchronized=True, name="bn_renorm_sync"
+        renorm=True, renorm_momentum=0.8, name="bn_renorm_sync", **synchronized
     )(hidden)
     return keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
 

@@ -13,6 +13,7 @@ from bnfreeze._modes import MODES
 from tests import helpers as h
 
 
+@h.NO_JIT_COMPILE
 @pytest.mark.parametrize("mode", list(MODES))
 def test_jit_compile(mode: str) -> None:
     """Modes hold with jit_compile=True: one fit step does what the mode's ModeSpec says."""

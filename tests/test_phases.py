@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import bnfreeze
-from bnfreeze._compat import keras
+from bnfreeze._compat import keras, to_numpy
 from tests.helpers import compile_sgd, data, functional, multi_io, set_far_statistics, snapshot
 
 L = keras.layers
@@ -35,10 +35,10 @@ def regularized() -> Any:
 
 def numpy_inference_loss(model: Any, x: np.ndarray, y: np.ndarray) -> float:
     """MSE of predict, plus kernel L2, gamma L2 and the per-example activity L1."""
-    pred = np.asarray(model.predict(x, verbose=0))
-    act = np.asarray(keras.Model(model.input, model.get_layer("act").output)(x))
-    kernel = np.asarray(model.get_layer("dense").kernel)
-    gamma = np.asarray(model.get_layer("bn").gamma)
+    pred = to_numpy(model.predict(x, verbose=0))
+    act = to_numpy(keras.Model(model.input, model.get_layer("act").output)(x))
+    kernel = to_numpy(model.get_layer("dense").kernel)
+    gamma = to_numpy(model.get_layer("bn").gamma)
     return float(
         np.mean((pred - y) ** 2)
         + KERNEL_L2 * np.sum(kernel**2)

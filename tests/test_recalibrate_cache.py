@@ -56,6 +56,13 @@ def traces(model: Any) -> int:
     return int(model.get_layer("traced").traces)
 
 
+def keeps_pass(upstream: str = "batch") -> bool:
+    """Whether a later call reuses the first call's pass without running the model's
+    Python again: TensorFlow (traced passes); JAX for a single pass (one jitted pass
+    kept per model); never on PyTorch, whose pass is Python run batch by batch."""
+    return h.BACKEND == "tensorflow" or (h.BACKEND == "jax" and upstream == "batch")
+
+
 def inputs_of(model: Any, name: str, x: np.ndarray, training: bool = False) -> np.ndarray:
     """The inputs of layer ``name`` as Keras computes them, per batch of 16."""
     sub = keras.Model(model.inputs[0], model.get_layer(name).input)
@@ -90,9 +97,9 @@ def test_second_call_reuses_the_traced_pass(upstream: str) -> None:
     bnfreeze.recalibrate(model, data(64), batch_size=16, upstream=upstream, verbose=0)
     traced = traces(model)
     assert traced > 0
-    x = data(40, seed=1) * 3.0 - 2.0
+    x = data(48, seed=1) * 3.0 - 2.0  # batches of 16 as before (JAX traces per shape)
     bnfreeze.recalibrate(model, x, batch_size=16, upstream=upstream, verbose=0)
-    assert traces(model) == traced
+    assert traces(model) == traced or not keeps_pass(upstream)
     if upstream == "recalibrated":
         assert_consistent_with_predict(model, x, ("bn1", "bn2"))
     else:
@@ -106,7 +113,7 @@ def test_weights_are_read_when_the_pass_runs() -> None:
     traced = traces(model)
     model.get_layer("d1").set_weights([w * 5.0 + 1.0 for w in model.get_layer("d1").get_weights()])
     bnfreeze.recalibrate(model, data(48), batch_size=16, verbose=0)
-    assert traces(model) == traced
+    assert traces(model) == traced or not keeps_pass()
     assert_moments_of(model.get_layer("bn1"), inputs_of(model, "bn1", data(48)))
 
 
@@ -197,7 +204,10 @@ def test_another_input_signature_traces_again() -> None:
     hidden = L.Dense(3, name="d")(Traced(name="traced")(inputs))
     model = keras.Model(inputs, L.BatchNormalization(name="bn")(hidden))
     rng = np.random.default_rng(5)
-    for length, dtype in ((7, "float32"), (3, "float32"), (3, "float64")):
+    # JAX without x64 has no float64: the same signature as float32 there.
+    signatures = [(7, "float32"), (3, "float32")]
+    signatures += [(3, "float64")] if h.BACKEND != "jax" else []
+    for length, dtype in signatures:
         x = rng.normal(2.0, 3.0, size=(10, length, 4)).astype(dtype)
         traced = traces(model)
         bnfreeze.recalibrate(model, x, verbose=0)

@@ -54,6 +54,10 @@ SKIPPED = {
     "DenseFeatures": "needs tf.feature_column input dicts (deprecated TF API, tf-keras only)",
     "Equalization": "Keras builds no graph through it (a functional model: 'part of a cycle')",
 }
+if h.BACKEND != "tensorflow":
+    SKIPPED["TFSMLayer"] = "TensorFlow only: wraps a TensorFlow SavedModel"
+if h.BACKEND == "jax":
+    SKIPPED["MixUp"] = "JAX without x64: Keras's MixUp asks for int64 indices (it warns)"
 
 
 @keras.saving.register_keras_serializable(package="bnfreeze_tests")
