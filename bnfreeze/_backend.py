@@ -29,6 +29,7 @@ __all__ = [
     "predict_twin",
     "require_tensorflow_backend",
     "same_structure",
+    "scaled_and_shifted",
     "squared_in_place",
     "stateless_scope",
     "strategy_of",
@@ -208,6 +209,16 @@ def predict_twin(model: Any, predict_step: Any) -> Any:
         object.__setattr__(twin, "_get_jax_state", state_copies)
         object.__setattr__(twin, "jax_state_sync", lambda: None)
     return twin
+
+
+def scaled_and_shifted(x: Any, scale: Any, offset: Any) -> Any:
+    """``x * scale + offset`` (broadcast), in one pass where the backend has the fused
+    operation (PyTorch's ``addcmul``: one output buffer instead of two)."""
+    if backend_name() == "torch":
+        import torch
+
+        return torch.addcmul(offset, x, scale)
+    return x * scale + offset
 
 
 def squared_in_place(tensor: Any) -> Any:

@@ -30,6 +30,7 @@ from bnfreeze._compat import (
     flatten,
     keras,
     predict_twin,
+    scaled_and_shifted,
     squared_in_place,
     to_numpy,
 )
@@ -338,7 +339,7 @@ def _bn_call(plan: Plan, layer: Any, inputs: Any, mask: Any, fixed: dict[int, An
     offset = -ops.reshape(mean, broadcast) * scale
     if getattr(layer, "center", False) and getattr(layer, "beta", None) is not None:
         offset = offset + ops.reshape(ops.cast(layer.beta, compute), broadcast)
-    return ops.cast(x * scale + offset, layer.compute_dtype)
+    return ops.cast(scaled_and_shifted(x, scale, offset), layer.compute_dtype)
 
 
 def _batch_moments(x: Any, mask: Any, reduce_axes: tuple[int, ...], broadcast: list[Any]) -> Any:
