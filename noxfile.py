@@ -105,13 +105,14 @@ def tests(session: nox.Session, flavour: str) -> None:
 
 @nox.session(python="3.11", default=False)
 def quick(session: nox.Session) -> None:
-    """The inner loop (a few minutes): every test on keras 3.15 but the ``slow``-marked
-    ResNet50-size ones, hypothesis at its ``quick`` profile (4 examples per property).
-    Its environment is built once and reused; ``nox -R -s quick`` skips the install check.
-    CI runs the full sessions (``nox``), not this one."""
+    """The inner loop (about three minutes): every test on keras 3.15 but the ``slow``-marked
+    ResNet50-size ones and the docs pages (``pages``: each page a Python of its own, four
+    minutes of the two workers' time together), hypothesis at its ``quick`` profile (4
+    examples per property). Its environment is built once and reused; ``nox -R -s
+    quick`` skips the install check. CI runs the full sessions (``nox``), not this one."""
     env = _install_flavour(session, "keras-3.15")
     env["HYPOTHESIS_PROFILE"] = "quick"
-    args = list(session.posargs) or [*WORKERS, "-m", "not slow", "tests"]
+    args = list(session.posargs) or [*WORKERS, "-m", "not slow and not pages", "tests"]
     session.run("pytest", *args, env=env)
 
 

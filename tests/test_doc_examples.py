@@ -150,6 +150,7 @@ def run_page(page: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 SHORT_PAGES = [page for page in PAGES if page not in LONG_PAGES]
 
 
+@pytest.mark.pages
 @pytest.mark.parametrize("page", SHORT_PAGES, ids=[str(p.relative_to(ROOT)) for p in SHORT_PAGES])
 def test_every_python_block_runs_as_pasted(page: Path, tmp_path: Path) -> None:
     """The page's python blocks, run in page order in one fresh interpreter (from an empty

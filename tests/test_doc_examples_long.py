@@ -15,6 +15,7 @@ from tests.test_doc_examples import LONG_PAGES, ROOT, run_page
 PAGES_RUN_THERE = list(LONG_PAGES)
 
 
+@pytest.mark.pages
 @pytest.mark.parametrize(
     "page", PAGES_RUN_THERE, ids=[str(p.relative_to(ROOT)) for p in PAGES_RUN_THERE]
 )
