@@ -99,7 +99,8 @@ class _Stage(_Callback):  # type: ignore[misc]
         """tf-keras: ``BackupAndRestore`` restored its checkpoint when ``fit`` started,
         the optimizer's slots deferred (`_optim.hold_unmatched_loads`); restore it again
         once the stages before the resumed epoch have given the optimizer the layout that
-        was saved (checked before this stage applies, and after)."""
+        was saved (checked at every epoch start until this stage applies, and after it:
+        a run resumed before any stage restores at its first epoch)."""
         optimizer = getattr(self.model, "optimizer", None)
         if IS_TF_KERAS and optimizer is not None:
             reattach_slots(optimizer)
@@ -191,11 +192,12 @@ class Unfreeze(_Stage):
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         """Unfreeze at (or, after ``initial_epoch``, past) the epoch; update the multiplier."""
+        if not self._applied:
+            self._restore_backup()
         if epoch < self.epoch:
             return
         value = self._multiplier(epoch)  # checked before anything changes
         if not self._applied:
-            self._restore_backup()
             self._apply(value)
             self._restore_backup()
         elif callable(self.lr_multiplier) and self._paths:
@@ -301,9 +303,11 @@ class Freeze(_Stage):
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         """Freeze at (or, after ``initial_epoch``, past) the epoch."""
-        if epoch < self.epoch or self._applied:
+        if self._applied:
             return
         self._restore_backup()
+        if epoch < self.epoch:
+            return
         freeze(self.model, self.layers, bn_mode=self.bn_mode or "inference")
         self._applied = True
         self._restore_backup()

@@ -395,17 +395,18 @@ class Interrupt(keras.callbacks.Callback):  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
-    ("interrupt_at", "built_before"),
-    [(2, False), (3, False), (2, True)],
-    ids=["between_stages", "after_stages", "optimizer_built_before"],
+    ("interrupt_at", "built_before", "first_stage"),
+    [(2, False, 1), (3, False, 1), (2, True, 1), (2, False, 3)],
+    ids=["between_stages", "after_stages", "optimizer_built_before", "before_the_stages"],
 )
 def test_backup_and_restore_resumes_to_the_same_weights(
-    tmp_path: Any, interrupt_at: int, built_before: bool
+    tmp_path: Any, interrupt_at: int, built_before: bool, first_stage: int
 ) -> None:
     """Interrupted, resumed by BackupAndRestore: bitwise the uninterrupted fit's weights."""
     # The resumed fit is a fresh model: optimizer slots of the unfrozen variables are restored
     # and stages before the resumed epoch re-applied; "optimizer_built_before": an earlier fit
-    # built the optimizer, so Unfreeze grows it.
+    # built the optimizer, so Unfreeze grows it; "before_the_stages": resumed at an epoch
+    # before any stage, from a checkpoint with the pre-stage layout.
 
     def run(extra: list[Any], backup: Any) -> Any:
         keras.backend.clear_session()
@@ -414,10 +415,12 @@ def test_backup_and_restore_resumes_to_the_same_weights(
         if built_before:
             fit(model, [], epochs=1)
         stages = [
-            Unfreeze(1, ["d3", "bn3"], bn_mode="adapt", lr_multiplier=lambda n: 0.5 * (n + 1)),
-            Unfreeze(2, ["d2", "bn2"], lr_multiplier=0.25),
+            Unfreeze(
+                first_stage, ["d3", "bn3"], bn_mode="adapt", lr_multiplier=lambda n: 0.5 * (n + 1)
+            ),
+            Unfreeze(first_stage + 1, ["d2", "bn2"], lr_multiplier=0.25),
         ]
-        fit(model, [*extra, *stages, *backup], epochs=4)
+        fit(model, [*extra, *stages, *backup], epochs=first_stage + 3)
         return model
 
     straight = h.snapshot(run([], []))
