@@ -546,8 +546,14 @@ def restore_backup_into_layout(model: Any) -> bool:
     """
     state: Any = getattr(model, "_training_state", None) if IS_TF_KERAS else None
     manager = getattr(state, "read_checkpoint_manager", None)
-    path = getattr(manager, "latest_checkpoint", None)
-    if not path or getattr(state, _RESTORED_ATTR, None) == path:
+    if manager is None:
+        return False
+    path = manager.latest_checkpoint
+    if _STARTED_FROM_ATTR not in vars(state):  # the first call in this fit: before any save
+        setattr(state, _STARTED_FROM_ATTR, path)
+    # Only the checkpoint this fit started from, once: a later one holds what the model
+    # and its optimizer hold already.
+    if not path or path != getattr(state, _STARTED_FROM_ATTR) or vars(state).get(_RESTORED_ATTR):
         return False
     import re
 
@@ -564,8 +570,9 @@ def restore_backup_into_layout(model: Any) -> bool:
     if not saved or own != saved:
         return False
     state.restore()
-    setattr(state, _RESTORED_ATTR, path)  # once per fit (a new state each fit)
+    setattr(state, _RESTORED_ATTR, True)  # (a new state each fit)
     return True
 
 
+_STARTED_FROM_ATTR = "_bnfreeze_started_from"
 _RESTORED_ATTR = "_bnfreeze_restored"
