@@ -48,12 +48,14 @@ TRAINING_LAYERS = _layer_classes_taking_training()
 
 #: Classes that cannot be built here, standalone and offline.
 SKIPPED = {
-    "FlaxLayer": "wraps a Flax module: needs the JAX backend and flax",
-    "JaxLayer": "wraps a JAX function: needs the JAX backend",
-    "TorchModuleWrapper": "wraps a torch.nn.Module: needs the torch backend and torch",
+    "FlaxLayer": "wraps a Flax module: needs flax, which the test sessions do not install",
     "DenseFeatures": "needs tf.feature_column input dicts (deprecated TF API, tf-keras only)",
     "Equalization": "Keras builds no graph through it (a functional model: 'part of a cycle')",
 }
+if h.BACKEND != "jax":  # Keras also runs it on TensorFlow (jax2tf), with jax installed
+    SKIPPED["JaxLayer"] = "wraps a JAX function: the case runs on the JAX backend only"
+if h.BACKEND != "torch":
+    SKIPPED["TorchModuleWrapper"] = "wraps a torch.nn.Module: PyTorch backend only"
 if h.BACKEND != "tensorflow":
     SKIPPED["TFSMLayer"] = "TensorFlow only: wraps a TensorFlow SavedModel"
 if h.BACKEND == "jax":
@@ -64,6 +66,40 @@ if h.BACKEND == "jax":
 def doubled(x: Any) -> Any:
     """A named (hence safely serialisable) function for the Lambda case."""
     return x * 2.0
+
+
+@keras.saving.register_keras_serializable(package="bnfreeze_tests")
+def jax_dense_init(rng: Any, inputs: Any) -> dict[str, Any]:
+    """The JaxLayer case's ``init_fn``: a 3-unit dense layer's parameters."""
+    import jax
+
+    return {"kernel": jax.random.normal(rng, (inputs.shape[-1], 3)), "bias": jax.numpy.zeros(3)}
+
+
+@keras.saving.register_keras_serializable(package="bnfreeze_tests")
+def jax_dense_dropout(params: Any, rng: Any, inputs: Any, training: Any) -> Any:
+    """The JaxLayer case's ``call_fn``: a dense layer, then dropout(0.5) when training."""
+    import jax
+
+    outputs = inputs @ params["kernel"] + params["bias"]
+    if not training:
+        return outputs
+    kept = jax.random.bernoulli(rng, 0.5, outputs.shape)
+    return jax.numpy.where(kept, outputs / 0.5, 0.0)
+
+
+def _jax_layer() -> Any:
+    return L.JaxLayer(jax_dense_dropout, init_fn=jax_dense_init)
+
+
+def _torch_module_wrapper() -> Any:
+    """A TorchModuleWrapper whose module runs differently in train() and eval()."""
+    import torch
+
+    module = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Dropout(0.5)
+    )
+    return L.TorchModuleWrapper(module, output_shape=(None, 3))
 
 
 @dataclass(frozen=True)
@@ -136,6 +172,7 @@ CASES: dict[str, Case] = {
         _QV,
         "two",
     ),
+    "JaxLayer": Case(_jax_layer),
     "LSTM": Case(lambda: L.LSTM(3, dropout=0.5), _SEQ),
     "LSTMCell": Case(lambda: L.LSTMCell(3, dropout=0.5), ((4,), (3,), (3,)), "cell"),
     # tf-keras writes every Python function of a Lambda as code: loads only unsafe
@@ -186,6 +223,8 @@ CASES: dict[str, Case] = {
     ),
     "TFSMLayer": Case(_tfsm_layer, unsafe=True),
     "TimeDistributed": Case(lambda: L.TimeDistributed(L.Dropout(0.5)), _SEQ),
+    # its config holds the module pickled (torch.save): Keras loads it only unsafe
+    "TorchModuleWrapper": Case(_torch_module_wrapper, unsafe=True),
 }
 
 
