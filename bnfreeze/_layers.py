@@ -411,7 +411,15 @@ def _bn_members(base: Any) -> dict[str, Any]:
 def _inference_members(base: Any) -> dict[str, Any]:
     signature = inspect.signature(base.call)
     params = list(signature.parameters)
-    position = params.index("training") - 1 if "training" in params else None
+    training = signature.parameters.get("training")
+    # Its place among the arguments after `self`; none when it is keyword-only (after
+    # `*args`, as in TorchModuleWrapper's call): then every positional one is an input.
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    position = (
+        params.index("training") - 1
+        if training is not None and training.kind in positional
+        else None
+    )
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         if position is not None and len(args) > position:

@@ -9,6 +9,7 @@ phase (a pinned layer runs as at inference whatever ``training`` it receives).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import os
 from collections.abc import Callable
@@ -52,8 +53,10 @@ SKIPPED = {
     "DenseFeatures": "needs tf.feature_column input dicts (deprecated TF API, tf-keras only)",
     "Equalization": "Keras builds no graph through it (a functional model: 'part of a cycle')",
 }
-if h.BACKEND != "jax":  # Keras also runs it on TensorFlow (jax2tf), with jax installed
-    SKIPPED["JaxLayer"] = "wraps a JAX function: the case runs on the JAX backend only"
+if h.BACKEND not in ("jax", "tensorflow") or IS_TF_KERAS:
+    SKIPPED["JaxLayer"] = "wraps a JAX function: JAX or TensorFlow backend only"
+elif importlib.util.find_spec("jax") is None:  # on TensorFlow Keras runs it through jax2tf
+    SKIPPED["JaxLayer"] = "wraps a JAX function: needs jax, which this session does not install"
 if h.BACKEND != "torch":
     SKIPPED["TorchModuleWrapper"] = "wraps a torch.nn.Module: PyTorch backend only"
 if h.BACKEND != "tensorflow":
@@ -329,6 +332,30 @@ def test_every_training_layer_survives_config_clone_and_saving(name: str, tmp_pa
             continue
         copy = copy_model(op, model, str(tmp_path / f"frozen-{op}"), safe=not case.unsafe)
         check_same_freeze(copy, model, x)
+
+
+@keras.saving.register_keras_serializable(package="bnfreeze_tests")
+class Summed(keras.layers.Layer):
+    """Takes its inputs as ``*inputs`` and ``training`` keyword-only, as TorchModuleWrapper."""
+
+    def call(self, *inputs: Any, training: Any = None) -> Any:
+        total = inputs[0] + inputs[1]
+        return total * 10.0 if training else total
+
+
+def test_a_pinned_layer_taking_its_inputs_as_varargs_keeps_them(tmp_path: Any) -> None:
+    """Pinned, a layer whose ``training`` is keyword-only after ``*inputs`` gets every input
+    and runs as at inference (its second input was replaced by ``training=False``)."""
+    a_in, b_in = keras.Input((4,)), keras.Input((4,))
+    model = keras.Model([a_in, b_in], Summed(name="summed")(a_in, b_in))
+    x = [h.data((4,)), h.data((4,), seed=1)]
+    bnfreeze.freeze(model)
+    assert frozen_modes(model) == {"summed": "inference"}
+    for training in (False, True):
+        np.testing.assert_allclose(outputs(model, x, training=training)[0], x[0] + x[1], 1e-6)
+    # tf-keras rebuilds no functional model calling a layer with two positional tensors
+    for op in OPS if not IS_TF_KERAS else ():
+        check_same_freeze(copy_model(op, model, str(tmp_path / op)), model, x)
 
 
 def fit_updates_statistics(model: Any, x: Any, y: Any) -> bool:
