@@ -31,8 +31,7 @@ from bnfreeze._phases import LayerDivergence, PhaseComparison, compare_phases
 from bnfreeze._recalibrate import recalibrate
 from bnfreeze._report import AuditReport, Behaviour, Finding, LayerRecord
 from bnfreeze._select import exclude, last, starting_at, up_to
-
-__version__ = "0.2.0.dev0"
+from bnfreeze._version import __version__ as __version__
 
 __all__ = [
     "ArgumentError",

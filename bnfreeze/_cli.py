@@ -46,10 +46,28 @@ class InputError(Exception):
 
 
 def _version() -> str:
-    import bnfreeze
+    from bnfreeze._version import __version__
+
+    return f"bnfreeze {__version__} ({_flavour_label()})"
+
+
+def _flavour_label() -> str:
+    """`_compat.flavour_label` (``"keras 3.15.1"``), from the installed distribution's
+    metadata while Keras is not imported (``--version`` then answers without importing
+    it), from the imported Keras otherwise or when the metadata leaves a doubt."""
+    from bnfreeze._version import wants_tf_keras
+
+    package, flavour = ("tf_keras", "tf-keras") if wants_tf_keras() else ("keras", "keras")
+    if package not in sys.modules:
+        from importlib import metadata
+
+        names = set(metadata.packages_distributions().get(package, ()))
+        if len(names) == 1:  # keras, keras-nightly, tf-keras...: one of them installed
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                return f"{flavour} {metadata.version(names.pop())}"
     from bnfreeze._compat import flavour_label
 
-    return f"bnfreeze {bnfreeze.__version__} ({flavour_label()})"
+    return flavour_label()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -256,16 +274,23 @@ def quiet_start() -> None:
 
     ``bnfreeze._startup``, the first module ``bnfreeze/__init__.py`` imports, calls it
     before anything imports TensorFlow (the console script and ``python -m`` import the
-    package before running ``main``). ``--help`` and usage errors therefore exit here, in
-    well under a second, without importing Keras (``--version``, which names the Keras
-    flavour, is left to ``main``). Elsewhere it does nothing; with ``-v``/``--verbose``, or
-    once TensorFlow is imported, it only reads the arguments.
+    package before running ``main``). ``--help``, ``--version`` (from the installed
+    distributions' metadata), usage errors and files the command cannot use (missing, a
+    directory, misnamed, empty or corrupt; fold's output in no directory) therefore get
+    their answer here, in well under a second, without importing Keras. Elsewhere it does
+    nothing; with ``-v``/``--verbose``, or once TensorFlow is imported, it only reads the
+    arguments and checks the files.
     """
     if not _is_the_command():
         return
     arguments = sys.argv[1:]
-    if "--version" not in arguments[: arguments.index("--") if "--" in arguments else None]:
-        _parser().parse_args(arguments)  # --help and usage errors exit here
+    # --help, --version and usage errors exit here, and so does a command whose files
+    # are unusable (missing, corrupt, no directory to write to): all known without Keras.
+    try:
+        _check_files(_parser().parse_args(arguments))
+    except (InputError, OSError) as error:
+        print(_one_line(error), file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
     if _wants_verbose(arguments) or "tensorflow" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -300,10 +325,43 @@ def _quiet_loggers(verbose: bool) -> Iterator[None]:
             logger.setLevel(level)
 
 
+def _check_files(args: argparse.Namespace) -> None:
+    """Refuse (`InputError`) the command's files where that needs no Keras: fold's output
+    first (before its input is read), then the model file to load."""
+    if args.command == "fold":
+        _check_output(args.output)
+    if args.command in ("audit", "fold"):
+        _check_input(args.path)
+
+
+def _one_line(error: Exception) -> str:
+    """The command's one-line error for ``error``: ``ErrorName: message``."""
+    if isinstance(error, InputError):
+        return f"{error.name}: {error}"
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
 def _load(path: str, *, compile: bool) -> Any:
     import bnfreeze  # noqa: F401  (registers the pinned layers before loading)
     from bnfreeze._compat import keras
 
+    _check_input(path)
+    try:
+        model = keras.models.load_model(path, compile=compile)
+    except Exception as error:  # whatever the loader raises, the input is unusable
+        detail = " ".join(str(error).split()) or "no detail"
+        raise InputError(
+            type(error).__name__, f"Cannot load {path!r} as a Keras model: {detail}"
+        ) from error
+    if not isinstance(model, keras.Model):
+        raise InputError(
+            "TypeError", f"{path!r} holds a {type(model).__name__}, not a Keras model."
+        )
+    return model
+
+
+def _check_input(path: str) -> None:
+    """Refuse a model file that is missing, a directory, misnamed, empty or corrupt."""
     if not os.path.exists(path):
         raise InputError(
             "FileNotFoundError", f"No such file: {path!r}. Expected a .keras or .h5 model file."
@@ -320,18 +378,6 @@ def _load(path: str, *, compile: bool) -> Any:
             f"Cannot read {path!r}: expected a file whose name ends in .keras or .h5 (or .hdf5).",
         )
     _check_model_file(path)
-    try:
-        model = keras.models.load_model(path, compile=compile)
-    except Exception as error:  # whatever the loader raises, the input is unusable
-        detail = " ".join(str(error).split()) or "no detail"
-        raise InputError(
-            type(error).__name__, f"Cannot load {path!r} as a Keras model: {detail}"
-        ) from error
-    if not isinstance(model, keras.Model):
-        raise InputError(
-            "TypeError", f"{path!r} holds a {type(model).__name__}, not a Keras model."
-        )
-    return model
 
 
 #: The HDF5 signature, at offset 0 or at 512, 1024, 2048, ... after a user block.
@@ -408,13 +454,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_fold(args: argparse.Namespace) -> int:
     import bnfreeze
 
-    if not args.output.lower().endswith(_MODEL_SUFFIXES):
-        raise InputError(
-            "ValueError",
-            f"Cannot write {args.output!r}: expected a file name ending in .keras or .h5 "
-            "(or .hdf5).",
-        )
-    _check_output_directory(args.output)
+    _check_output(args.output)
     model = _load(args.path, compile=False)
     folded, report = bnfreeze.fold(model, return_report=True)
     folded.save(args.output)
@@ -425,8 +465,13 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_output_directory(output: str) -> None:
+def _check_output(output: str) -> None:
     """Fail before the model is loaded and folded when ``output`` cannot be written."""
+    if not output.lower().endswith(_MODEL_SUFFIXES):
+        raise InputError(
+            "ValueError",
+            f"Cannot write {output!r}: expected a file name ending in .keras or .h5 (or .hdf5).",
+        )
     directory = os.path.dirname(output) or "."
     if not os.path.isdir(directory):
         raise InputError(
@@ -452,11 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _quiet_loggers(verbose):
             return _COMMANDS[args.command](args)
-    except InputError as error:
-        print(f"{error.name}: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except (ValueError, TypeError, OSError) as error:
-        print(f"{type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)
+    except (InputError, ValueError, TypeError, OSError) as error:
+        print(_one_line(error), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("KeyboardInterrupt: interrupted", file=sys.stderr)

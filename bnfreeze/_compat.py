@@ -11,11 +11,11 @@ otherwise on Keras 3 (``import keras``). Everything that differs between keras 3
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
-_LEGACY_ENV = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower()
-IS_TF_KERAS: bool = _LEGACY_ENV in ("1", "true", "yes")
+from bnfreeze._version import wants_tf_keras
+
+IS_TF_KERAS: bool = wants_tf_keras()
 
 if IS_TF_KERAS:  # pragma: no cover - depends on the flavour under test
     import tf_keras as keras

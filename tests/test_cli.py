@@ -20,7 +20,7 @@ import pytest
 
 import bnfreeze
 import bnfreeze._compat
-from bnfreeze._cli import main
+from bnfreeze._cli import _wants_verbose, main
 from bnfreeze._compat import HONOURS_GRAPH_TRAINING, flavour_label, keras
 
 ROWS = (
@@ -81,13 +81,16 @@ def tensorflow_start_up_logging() -> list[str]:
 # --- general ------------------------------------------------------------------------
 
 
-def test_version_names_package_and_flavour():
-    """`bnfreeze --version` prints bnfreeze's version and the Keras flavour it runs on,
-    exit 0, and nothing on stderr; `python -m bnfreeze` is the same command."""
+def test_version_names_package_and_flavour(tmp_path):
+    """`bnfreeze --version` prints bnfreeze's version and the Keras flavour it runs on
+    (the version the imported Keras reports), exit 0, and nothing on stderr, without
+    importing Keras; `python -m bnfreeze` is the same command."""
     expected = f"bnfreeze {bnfreeze.__version__} ({flavour_label()})\n"
     assert keras.__version__ in expected
     result = run_cli("--version")
     assert (result.returncode, result.stdout, result.stderr) == (0, expected, "")
+    # Answered from the installed distributions' metadata: no Keras, no TensorFlow.
+    assert not _modules_imported_by(tmp_path, "--version") & HEAVY
     module = subprocess.run(
         [sys.executable, "-m", "bnfreeze", "--version"],
         capture_output=True,
@@ -161,6 +164,17 @@ def _modules_imported(
     return result, set(json.loads(listing.read_text()))
 
 
+#: What the command must not import to answer from its arguments and files alone.
+HEAVY = {"keras", "tensorflow", "tf_keras", "jax", "torch"}
+
+
+def _modules_imported_by(tmp_path: Any, *args: str) -> set[str]:
+    """The top-level packages the console script with ``args`` had imported at its exit."""
+    listing = tmp_path / "modules.json"
+    listing.unlink(missing_ok=True)
+    return _modules_imported(tmp_path, *args)[1]
+
+
 @pytest.mark.parametrize(
     ("args", "status"),
     [
@@ -178,7 +192,7 @@ def test_help_and_usage_errors_answer_before_keras_is_imported(tmp_path, args, s
     same help or one-line error as in-process `main`, and exits 0 or 2."""
     result, packages = _modules_imported(tmp_path, *args)
     assert result.returncode == status, result.stderr[-2000:]
-    assert not packages & {"keras", "tensorflow", "tf_keras", "jax", "torch"}, sorted(packages)
+    assert not packages & HEAVY, sorted(packages)
     assert "bnfreeze" in packages
     if status == 0:
         assert result.stdout.startswith(f"usage: bnfreeze {' '.join(args[:-1])}".rstrip())
@@ -297,11 +311,13 @@ def test_unreadable_input_is_one_line_on_a_quiet_stderr(tmp_path, capfd, make, e
 
 def test_unreadable_input_from_the_command_is_one_line(tmp_path):
     """The console script, as users run it, on a truncated .keras file: exit 2, nothing on
-    stdout, and stderr is exactly the one line (TensorFlow's start-up logging kept back)."""
+    stdout, and stderr is exactly the one line, at once (no Keras imported)."""
     path = _truncated(tmp_path, "truncated.keras")
     result = run_cli("audit", path)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == CORRUPT.format(path=path) + "\n"
+    # Answered before Keras is imported, as every file refused without loading it.
+    assert not _modules_imported_by(tmp_path, "audit", path) & HEAVY
 
 
 def test_a_model_that_fails_to_load_is_one_line(tmp_path, capfd):
@@ -320,25 +336,44 @@ def test_a_model_that_fails_to_load_is_one_line(tmp_path, capfd):
     assert message.startswith(f"Cannot load '{path}' as a Keras model: "), result.err
 
 
-@pytest.mark.parametrize("flag", ["-v", "--verbose"])
-def test_verbose_lets_tensorflow_logging_through(tmp_path, flag, tensorflow_start_up_logging):
+def _refused_by_keras(tmp_path: Any, capfd: Any) -> tuple[str, str]:
+    """A .keras file that passes the command's own checks and that Keras refuses to load
+    (so the command imports TensorFlow), and the one line in-process `main` prints."""
+    path = tmp_path / "refused.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", "{not json")
+    capfd.readouterr()
+    assert main(["audit", str(path)]) == 2
+    line = capfd.readouterr().err.rstrip("\n")
+    assert f": Cannot load '{path}' as a Keras model: " in line, line
+    return str(path), line
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_lets_tensorflow_logging_through(
+    tmp_path, capfd, where, tensorflow_start_up_logging
+):
     """With -v/--verbose (before or after the command) stderr holds TensorFlow's start-up
-    logging, as importing bnfreeze elsewhere prints it, then the command's own line."""
-    missing = str(tmp_path / "missing.keras")
-    line = f"FileNotFoundError: No such file: '{missing}'. Expected a .keras or .h5 model file."
-    for args in ((flag, "audit", missing), ("audit", flag, missing)):
-        result = run_cli(*args)
-        assert result.returncode == 2
-        assert _normalised(result.stderr) == [*tensorflow_start_up_logging, line], args
+    logging, as importing bnfreeze elsewhere prints it, then the command's own line. (The
+    process reads the flag from its arguments before argparse does: each spelling in each
+    place is read the same, checked in-process; each place runs once as a command.)"""
+    path, line = _refused_by_keras(tmp_path, capfd)
+    for flag in ("-v", "--verbose"):
+        for arrangement in ((flag, "audit", path), ("audit", flag, path)):
+            assert _wants_verbose(arrangement), arrangement
+    assert not _wants_verbose(("audit", path)) and not _wants_verbose(("audit", "--", "-v"))
+    args = ("-v", "audit", path) if where == "before" else ("audit", "--verbose", path)
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert _normalised(result.stderr) == [*tensorflow_start_up_logging, line], args
 
 
 @pytest.mark.parametrize("level", ["0", "3"])
-def test_a_log_level_set_by_the_user_wins(tmp_path, level, tensorflow_start_up_logging):
+def test_a_log_level_set_by_the_user_wins(tmp_path, capfd, level, tensorflow_start_up_logging):
     """TF_CPP_MIN_LOG_LEVEL set by the user decides what of TensorFlow's start-up logging
     shows: everything at 0, nothing (no fatal line) at 3."""
-    missing = str(tmp_path / "missing.keras")
-    line = f"FileNotFoundError: No such file: '{missing}'. Expected a .keras or .h5 model file."
-    result = run_cli("audit", missing, TF_CPP_MIN_LOG_LEVEL=level)
+    path, line = _refused_by_keras(tmp_path, capfd)
+    result = run_cli("audit", path, TF_CPP_MIN_LOG_LEVEL=level)
     assert result.returncode == 2
     expected = [line]
     if level == "0":  # the reference: importing bnfreeze elsewhere at that level
@@ -517,6 +552,7 @@ def test_fold_into_a_missing_directory_fails_before_loading(tmp_path):
         "first, or choose another path.\n"
     )
     assert not (tmp_path / "missing").exists()
+    assert not _modules_imported_by(tmp_path, "fold", garbage, output) & HEAVY
 
 
 def test_audit_compile_keeps_keras_warnings_off_stderr(tmp_path):
