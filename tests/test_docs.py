@@ -169,19 +169,28 @@ if os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true", "y
     import tf_keras as keras
 else:
     import keras
-try:
-    keras.models.load_model(sys.argv[1])
-    print("LOADED")
-except Exception as error:
-    print(type(error).__name__ + ": " + " ".join(str(error).split()))
-print("bnfreeze imported:", "bnfreeze" in sys.modules)
+
+def load():
+    try:
+        keras.models.load_model(sys.argv[1])
+        print("LOADED")
+    except Exception as error:
+        print(type(error).__name__ + ": " + " ".join(str(error).split()))
+    print("bnfreeze imported:", "bnfreeze" in sys.modules)
+
+
+load()
+import bnfreeze  # what the page tells the reader to do, and load again
+
+load()
 """
 
 
 def test_a_frozen_model_needs_import_bnfreeze_to_load(tmp_path: Path) -> None:
     """What docs/guide-freezing.md says: a frozen .keras file does not load in a process
     that has not imported bnfreeze (Keras does not import bnfreeze for it), the error
-    names the frozen layer's registered name, and `import bnfreeze` first makes it load."""
+    names the frozen layer's registered name, and after `import bnfreeze` it loads (one
+    process: the load that failed, then the import and the same load again)."""
     from bnfreeze._compat import IS_TF_KERAS, keras
 
     inputs = keras.Input((4,))
@@ -199,7 +208,7 @@ def test_a_frozen_model_needs_import_bnfreeze_to_load(tmp_path: Path) -> None:
         timeout=300,
         check=True,
     ).stdout.splitlines()
-    assert plain[-1] == "bnfreeze imported: False"
+    assert plain[1] == "bnfreeze imported: False"
     expected = (
         "TypeError: Error when deserializing class 'BatchNormalization'"
         if IS_TF_KERAS
@@ -209,12 +218,4 @@ def test_a_frozen_model_needs_import_bnfreeze_to_load(tmp_path: Path) -> None:
     assert plain[0].startswith(expected), plain[0][:300]
     if not IS_TF_KERAS:  # tf-keras's message shows the layer's config without the name
         assert "'registered_name': 'bnfreeze>Frozen'" in plain[0]
-    with_import = subprocess.run(
-        [sys.executable, "-c", "import bnfreeze\n" + _LOAD_WITHOUT_BNFREEZE, path],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=True,
-    ).stdout.splitlines()
-    assert with_import == ["LOADED", "bnfreeze imported: True"]
+    assert plain[2:] == ["LOADED", "bnfreeze imported: True"]
