@@ -8,12 +8,15 @@ both (the flavour sessions do not, and skip here with the reason)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import json
 from typing import Any
 
 import pytest
 
-from bnfreeze._compat import IS_TF_KERAS
+from bnfreeze._compat import IS_TF_KERAS, backend_name
 from tests.helpers_backend import run_script
 
 pytestmark = pytest.mark.skipif(
@@ -90,8 +93,15 @@ print(json.dumps(result))
 
 
 def run_on(backend: str) -> dict[str, Any]:
-    """SCRIPT's findings with KERAS_BACKEND=backend, in a fresh interpreter."""
-    found: dict[str, Any] = run_script(SCRIPT, backend)
+    """SCRIPT's findings with KERAS_BACKEND=backend: in a fresh interpreter, or in this one
+    when its Keras already runs on that backend (the session of that backend)."""
+    if backend == backend_name():
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            exec(compile(SCRIPT, "<tests.test_backends.SCRIPT>", "exec"), {})
+        found: dict[str, Any] = json.loads(output.getvalue().strip().splitlines()[-1])
+    else:
+        found = run_script(SCRIPT, backend)
     return found
 
 
