@@ -189,6 +189,13 @@ class Source:
         """A source of the first batch only, kept in memory: read as often as needed."""
         return _Replay(self.peek(), self)
 
+    def finish_bar(self, bar: Any, seen: int) -> None:
+        """The last update of a pass's progress ``bar`` (``None``: no bar), which has shown
+        ``seen`` batches: to the batches read, when the data ran short of ``steps`` or
+        empty batches were skipped, and finalised when the pass had no known length."""
+        if bar is not None and (self.read != seen or self.target() is None):
+            bar.update(self.read, finalize=self.target() is None)
+
     def target(self) -> int | None:
         """The number of batches of a pass, or ``None`` when unknown."""
         if self.total is None:

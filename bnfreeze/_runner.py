@@ -242,8 +242,7 @@ class Runner:
             seen = batch + 1
             if bar is not None:
                 bar.update(seen)
-        if bar is not None and (source.read != seen or source.target() is None):
-            bar.update(source.read, finalize=source.target() is None)
+        source.finish_bar(bar, seen)
         return found
 
     def _dependency_levels(self, first: Any) -> list[int]:

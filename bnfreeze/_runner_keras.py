@@ -150,10 +150,7 @@ class Runner:
             # The generator ends where the data does: that is not a mistake here.
             warnings.filterwarnings("ignore", "Your input ran out of data")
             outputs = twin.predict(iter(batches), verbose=0, callbacks=callbacks)
-        if bar is not None:
-            seen = batches.indices[-1] + 1 if batches.indices else 0
-            if source.read != seen or source.target() is None:
-                bar.update(source.read, finalize=source.target() is None)
+        source.finish_bar(bar, batches.indices[-1] + 1 if batches.indices else 0)
         if key is not None:
             functions.clear()  # one pass function kept per model
             function = twin.predict_function
