@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from bnfreeze._version import wants_tf_keras
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -82,7 +84,7 @@ def _program(page: Path) -> str:
     """The page's runnable blocks as one program, each announced on stderr by its line,
     so that a failure names the block it happened in."""
     parts = ["import sys"]
-    tf_keras = os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true", "yes")
+    tf_keras = wants_tf_keras()  # the package's reading of TF_USE_LEGACY_KERAS
     if tf_keras:
         # On tf-keras the reader writes `import tf_keras as keras`, as the pages say.
         parts.append("import tf_keras; sys.modules['keras'] = tf_keras")
