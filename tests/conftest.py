@@ -12,15 +12,19 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # On JAX, the tests build the same small models again and again: XLA's compilation of a
-# step already compiled in this process is read from a cache of this process's own
-# (a fresh directory per worker, removed at exit: nothing carries over between runs),
-# about a quarter of the JAX session's time. Set before Keras imports JAX.
-if os.environ.get("KERAS_BACKEND") == "jax" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _jax_cache = tempfile.mkdtemp(prefix="bnfreeze-tests-jax-cache-")
-    atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# step already compiled is read from a cache. The nox sessions name one that lasts between
+# runs (``.nox/.cache/jax-compilation``, see noxfile.py), shared by the workers (JAX
+# writes an entry unlocked: a worker that reads the other's half-written file warns and
+# compiles, see ``filterwarnings`` in pyproject.toml); a plain ``pytest`` gets a fresh
+# directory per worker, removed at exit. Every compilation is kept, however quick. Set
+# before Keras imports JAX.
+if os.environ.get("KERAS_BACKEND") == "jax":
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _jax_cache = tempfile.mkdtemp(prefix="bnfreeze-tests-jax-cache-")
+        atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest
