@@ -120,14 +120,22 @@ def tests(session: nox.Session, flavour: str) -> None:
 
 @nox.session(python="3.11", default=False)
 def quick(session: nox.Session) -> None:
-    """The inner loop (about three minutes): every test on keras 3.15 but the ``slow``-marked
-    ResNet50-size ones and the docs pages (``pages``: each page a Python of its own, four
-    minutes of the two workers' time together), hypothesis at its ``quick`` profile (4
-    examples per property). Its environment is built once and reused; ``nox -R -s
-    quick`` skips the install check. CI runs the full sessions (``nox``), not this one."""
+    """The inner loop (under three minutes): every test on keras 3.15 but the
+    ``slow``-marked ResNet50-size ones, the docs pages (``pages``: each page a Python of
+    its own, four minutes of the two workers' time together) and the ``subprocess`` tests
+    (each starts a Python that imports Keras: the command line as users run it, loading a
+    file without bnfreeze, multi-worker training; about two minutes of the workers' time),
+    hypothesis at its ``quick`` profile (4 examples per property). Its environment is built
+    once and reused; ``nox -R -s quick`` skips the install check. CI runs the full sessions
+    (``nox``), not this one."""
     env = _install_flavour(session, "keras-3.15")
     env["HYPOTHESIS_PROFILE"] = "quick"
-    args = list(session.posargs) or [*WORKERS, "-m", "not slow and not pages", "tests"]
+    args = list(session.posargs) or [
+        *WORKERS,
+        "-m",
+        "not slow and not pages and not subprocess",
+        "tests",
+    ]
     session.run("pytest", *args, env=env)
 
 

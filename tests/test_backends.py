@@ -127,6 +127,7 @@ def findings(request: Any) -> dict[str, Any]:
     return run_on(request.param)
 
 
+@pytest.mark.subprocess
 def test_freeze_pins_on_other_backends(findings):
     """On a non-TensorFlow backend, freeze pins BN to its moving statistics and Dropout
     off in a training call (the output equals the numpy inference formula), sets the
@@ -137,6 +138,7 @@ def test_freeze_pins_on_other_backends(findings):
     assert findings["unfreeze_restores_config"] is True
 
 
+@pytest.mark.subprocess
 def test_fit_on_jax_agrees_with_evaluate(findings):
     """On JAX, fit on a frozen BN reports evaluate's loss, leaves BN's variables as they
     were and trains the unfrozen Dense."""
@@ -147,6 +149,7 @@ def test_fit_on_jax_agrees_with_evaluate(findings):
     assert findings["dense_trained_by_fit"] is True
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("function", ["audit", "compare_phases", "recalibrate"])
 def test_analysis_functions_run_on_other_backends(findings, function):
     """On JAX and numpy, audit, compare_phases and recalibrate run without error (their

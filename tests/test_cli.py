@@ -349,6 +349,7 @@ def _refused_by_keras(tmp_path: Any, capfd: Any) -> tuple[str, str]:
     return str(path), line
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_lets_tensorflow_logging_through(
     tmp_path, capfd, where, tensorflow_start_up_logging
@@ -368,6 +369,7 @@ def test_verbose_lets_tensorflow_logging_through(
     assert _normalised(result.stderr) == [*tensorflow_start_up_logging, line], args
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("level", ["0", "3"])
 def test_a_log_level_set_by_the_user_wins(tmp_path, capfd, level, tensorflow_start_up_logging):
     """TF_CPP_MIN_LOG_LEVEL set by the user decides what of TensorFlow's start-up logging
@@ -392,6 +394,7 @@ def demo_json() -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
+@pytest.mark.subprocess
 def test_demo_json_rows_are_the_four_cases(demo_json):
     """`demo --quick --json` is one JSON document with the four cases, in order, and
     what the demo trained."""
@@ -403,6 +406,7 @@ def test_demo_json_rows_are_the_four_cases(demo_json):
     assert demo_json["seconds"] > 0
 
 
+@pytest.mark.subprocess
 def test_demo_json_losses_are_consistent(demo_json):
     """Every row starts from the same weights, so evaluate (moving statistics) reports
     the same loss in every row; `match` says exactly whether fit's loss equals it; the
@@ -418,6 +422,7 @@ def test_demo_json_losses_are_consistent(demo_json):
         assert row["bn_statistics_in_fit"] == ("moving" if same else "batch"), row
 
 
+@pytest.mark.subprocess
 def test_demo_json_shows_the_bug_and_the_fix(demo_json):
     """On keras 3.15 the guide pattern uses batch statistics in fit once the base is
     unfrozen (keras-team/keras#20285) and fit's loss is higher than evaluate's; after
@@ -437,6 +442,7 @@ def test_demo_json_shows_the_bug_and_the_fix(demo_json):
         assert rows[case]["bn_statistics_in_fit"] == "moving"
 
 
+@pytest.mark.subprocess
 def test_demo_json_audits_agree_with_the_rows(demo_json):
     """The demo's audits, complete in --json: a finding before freeze wherever fit used
     batch statistics, none after freeze, one row per BatchNormalization layer."""
@@ -517,6 +523,7 @@ def test_audit_human_output_is_the_report(tmp_path, capsys):
         assert str(finding) in out
 
 
+@pytest.mark.subprocess
 def test_audit_subprocess_json_and_a_quiet_stderr(tmp_path):
     """`bnfreeze audit PATH --json` prints what `bnfreeze.audit` reports for the same file
     loaded in-process, with nothing on stderr; on keras 3.15 the guide pattern with an
@@ -547,6 +554,7 @@ def test_fold_into_a_missing_directory_fails_before_loading(tmp_path):
     assert not _modules_imported_by(tmp_path, "fold", garbage, output) & HEAVY
 
 
+@pytest.mark.subprocess
 def test_audit_compile_keeps_keras_warnings_off_stderr(tmp_path):
     """`bnfreeze audit --compile` on a model saved with its optimizer state: Keras's
     UserWarning about the optimizer's variables stays off stderr (only -v shows it), and

@@ -127,6 +127,7 @@ def test_findings_wrap_to_the_terminal_width(tmp_path: Any, capsys: Any, monkeyp
     assert len(findings.splitlines()) > 4
 
 
+@pytest.mark.subprocess
 def test_command_wraps_at_100_columns_without_a_terminal(tmp_path: Any) -> None:
     """`python -m bnfreeze audit` with its output piped: findings wrap at 100 columns."""
     path = _saved(_batch_of_one_dense(), tmp_path)

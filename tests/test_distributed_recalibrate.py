@@ -234,6 +234,7 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+@pytest.mark.subprocess
 def test_multi_worker_equals_single_device(tmp_path: Path) -> None:
     """2 worker processes on 127.0.0.1: global statistics equal one device's on every worker.
 

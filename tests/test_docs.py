@@ -15,6 +15,8 @@ import sys
 import traceback
 from pathlib import Path
 
+import pytest
+
 import bnfreeze
 import bnfreeze._modes
 from bnfreeze._modes import MODES
@@ -186,6 +188,7 @@ load()
 """
 
 
+@pytest.mark.subprocess
 def test_a_frozen_model_needs_import_bnfreeze_to_load(tmp_path: Path) -> None:
     """What docs/guide-freezing.md says: a frozen .keras file does not load in a process
     that has not imported bnfreeze (Keras does not import bnfreeze for it), the error

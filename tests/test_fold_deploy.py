@@ -81,6 +81,7 @@ _LOADER = textwrap.dedent(
 )
 
 
+@pytest.mark.subprocess
 def test_folded_model_loads_without_bnfreeze(tmp_path: Any) -> None:
     """.keras, .h5 and SavedModel of a folded frozen model load and predict the same in a
     process that never imports bnfreeze, where the frozen model itself does not load."""
