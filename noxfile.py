@@ -120,7 +120,7 @@ def tests(session: nox.Session, flavour: str) -> None:
 
 @nox.session(python="3.11", default=False)
 def quick(session: nox.Session) -> None:
-    """The inner loop (under three minutes): every test on keras 3.15 but the
+    """The inner loop (about three minutes): every test on keras 3.15 but the
     ``slow``-marked ResNet50-size ones, the docs pages (``pages``: each page a Python of
     its own, four minutes of the two workers' time together) and the ``subprocess`` tests
     (each starts a Python that imports Keras: the command line as users run it, loading a
